@@ -1,0 +1,168 @@
+//! The affinity table: which backend holds each session, who owns it, and how many client
+//! connections have it open. Sessions never move on membership changes; only failover moves
+//! them, through [`SessionTable::reassign`].
+
+use crate::backend::Pool;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+/// One session's placement.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Backend name.
+    pub backend: String,
+    /// Owning tenant.
+    pub owner: String,
+    /// When the proxy first saw it.
+    pub created: SystemTime,
+    /// Last request routed to it.
+    pub last_seen: Instant,
+    /// Client connections that created or resumed it and have not detached.
+    pub live_conns: u32,
+    /// Times it was moved by failover.
+    pub moves: u32,
+}
+
+/// Outcome of trying to claim a session id for a tenant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Newly placed on the given backend.
+    New,
+    /// Already known and owned by the caller, on this backend.
+    Existing(String),
+    /// Owned by someone else.
+    Foreign,
+}
+
+/// Session id → placement.
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    map: DashMap<String, Placement>,
+}
+
+impl SessionTable {
+    /// Looks a session up.
+    pub fn get(&self, id: &str) -> Option<Placement> {
+        self.map.get(id).map(|p| p.clone())
+    }
+
+    /// Number of known sessions.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Claims `id` for `owner` on `backend` if unknown; never overwrites an existing route.
+    pub fn claim(&self, id: &str, owner: &str, backend: &str) -> Claim {
+        match self.map.entry(id.to_string()) {
+            Entry::Occupied(e) => {
+                if e.get().owner == owner {
+                    Claim::Existing(e.get().backend.clone())
+                } else {
+                    Claim::Foreign
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(Placement {
+                    backend: backend.to_string(),
+                    owner: owner.to_string(),
+                    created: SystemTime::now(),
+                    last_seen: Instant::now(),
+                    live_conns: 0,
+                    moves: 0,
+                });
+                Claim::New
+            }
+        }
+    }
+
+    /// Records that one more client connection has the session open.
+    pub fn join(&self, id: &str, pool: &Pool) {
+        if let Some(mut p) = self.map.get_mut(id) {
+            p.live_conns += 1;
+            p.last_seen = Instant::now();
+            if p.live_conns == 1 {
+                if let Some(b) = pool.get(&p.backend) {
+                    b.live_sessions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Records that a client connection closed or detached the session.
+    pub fn leave(&self, id: &str, pool: &Pool) {
+        if let Some(mut p) = self.map.get_mut(id) {
+            if p.live_conns > 0 {
+                p.live_conns -= 1;
+                if p.live_conns == 0 {
+                    if let Some(b) = pool.get(&p.backend) {
+                        dec(&b.live_sessions);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refreshes last-seen.
+    pub fn touch(&self, id: &str) {
+        if let Some(mut p) = self.map.get_mut(id) {
+            p.last_seen = Instant::now();
+        }
+    }
+
+    /// Forgets a session (deleted, or a create that failed).
+    pub fn remove(&self, id: &str, pool: &Pool) -> Option<Placement> {
+        let (_, p) = self.map.remove(id)?;
+        if p.live_conns > 0 {
+            if let Some(b) = pool.get(&p.backend) {
+                dec(&b.live_sessions);
+            }
+        }
+        Some(p)
+    }
+
+    /// Moves a session from `from` to `to` if it is still on `from`; returns where it is now.
+    /// Concurrent failovers of one session agree on a single new home this way.
+    pub fn reassign(&self, id: &str, from: &str, to: &str, pool: &Pool) -> Option<String> {
+        let mut p = self.map.get_mut(id)?;
+        if p.backend == from {
+            if p.live_conns > 0 {
+                if let Some(b) = pool.get(from) {
+                    dec(&b.live_sessions);
+                }
+                if let Some(b) = pool.get(to) {
+                    b.live_sessions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            p.backend = to.to_string();
+            p.moves += 1;
+        }
+        Some(p.backend.clone())
+    }
+
+    /// A snapshot of every entry, for the admin API and listing.
+    pub fn snapshot(&self) -> Vec<(String, Placement)> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Owner of a session, if known.
+    pub fn owner(&self, id: &str) -> Option<String> {
+        self.map.get(id).map(|p| p.owner.clone())
+    }
+}
+
+fn dec(a: &std::sync::atomic::AtomicU64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+}

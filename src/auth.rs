@@ -1,0 +1,163 @@
+//! Client authentication and tenancy: who a connection is, and which sessions it may touch.
+
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// A tenant: an owner of sessions.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Name, recorded as the owner of every session it creates.
+    pub name: String,
+    /// Session id patterns (`*` wildcards) it may create; empty means any.
+    pub session_patterns: Vec<String>,
+    /// Cap on its live sessions.
+    pub max_sessions: Option<u64>,
+    /// Backends allowed to serve it; empty means all.
+    pub backends: Vec<String>,
+}
+
+impl Tenant {
+    /// The single tenant of an open proxy (no tenants configured).
+    pub fn open() -> Tenant {
+        Tenant {
+            name: "default".into(),
+            session_patterns: Vec::new(),
+            max_sessions: None,
+            backends: Vec::new(),
+        }
+    }
+
+    /// Whether a session id unknown to the proxy may be adopted by this tenant.
+    pub fn may_claim(&self, sid: &str) -> bool {
+        self.session_patterns.is_empty() || self.session_patterns.iter().any(|p| glob(p, sid))
+    }
+
+    /// Whether this tenant may create a session with this id.
+    pub fn may_create(&self, sid: &str) -> Result<(), String> {
+        if self.may_claim(sid) {
+            Ok(())
+        } else {
+            Err(format!(
+                "session id {sid:?} is not allowed for tenant {} (allowed: {})",
+                self.name,
+                self.session_patterns.join(", ")
+            ))
+        }
+    }
+
+    /// Whether a backend may serve this tenant.
+    pub fn allows_backend(&self, name: &str) -> bool {
+        self.backends.is_empty() || self.backends.iter().any(|b| b == name)
+    }
+}
+
+/// The authentication policy in force.
+#[derive(Debug)]
+pub struct Auth {
+    tenants: Vec<(Vec<String>, Arc<Tenant>)>,
+    open: Arc<Tenant>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth::open()
+    }
+}
+
+impl Auth {
+    /// No authentication: one open tenant, as the CLI without COPILOT_CONNECTION_TOKEN.
+    pub fn open() -> Auth {
+        Auth {
+            tenants: Vec::new(),
+            open: Arc::new(Tenant::open()),
+        }
+    }
+
+    /// Whether clients must `connect` with a token first.
+    pub fn required(&self) -> bool {
+        !self.tenants.is_empty()
+    }
+
+    /// The tenant of a connection that has not authenticated (open mode only).
+    pub fn anonymous(&self) -> Arc<Tenant> {
+        self.open.clone()
+    }
+
+    /// Checks a client's `connect` token with the CLI's error codes.
+    pub fn authenticate(&self, token: Option<&str>, _identity: Option<&str>) -> Result<Arc<Tenant>, (i64, &'static str)> {
+        if self.tenants.is_empty() {
+            return match token {
+                Some(_) => Err((crate::rpc::AUTHENTICATION_NOT_CONFIGURED, "AUTHENTICATION_NOT_CONFIGURED")),
+                None => Ok(self.open.clone()),
+            };
+        }
+        let Some(token) = token else {
+            return Err((crate::rpc::AUTHENTICATION_FAILED, "AUTHENTICATION_FAILED"));
+        };
+        let h = hash_token(token);
+        for (hashes, t) in &self.tenants {
+            if hashes.iter().any(|x| constant_eq(x.as_bytes(), h.as_bytes())) {
+                return Ok(t.clone());
+            }
+        }
+        Err((crate::rpc::AUTHENTICATION_FAILED, "AUTHENTICATION_FAILED"))
+    }
+}
+
+/// The stored form of a token: `sha256:<hex>`.
+pub fn hash_token(token: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `*` matches any run of characters; everything else is literal.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let mut rest = text;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(pos) => rest = &rest[pos + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globbing() {
+        assert!(glob("a-*", "a-1"));
+        assert!(!glob("a-*", "b-1"));
+        assert!(glob("*", ""));
+        assert!(glob("x*y*z", "x12y34z"));
+        assert!(!glob("x*y*z", "x12y34"));
+        assert!(glob("exact", "exact"));
+    }
+
+    #[test]
+    fn open_mode_semantics() {
+        let a = Auth::open();
+        assert!(!a.required());
+        assert!(a.authenticate(None, None).is_ok());
+        assert_eq!(a.authenticate(Some("t"), None).unwrap_err().0, -32003);
+        assert!(hash_token("x").starts_with("sha256:"));
+    }
+}

@@ -1,0 +1,435 @@
+//! Content-Length framing for the SDK⇄CLI JSON-RPC stream.
+//!
+//! Reading is two-phase, as in mini-redis: first check that a whole header block and body are
+//! buffered (cheap, no allocation), then split the frame off. Writing always produces exactly
+//! `Content-Length: <n>\r\n\r\n` followed by the body in one buffer, because the Python SDK
+//! accepts nothing else and one buffer means one `write`.
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Default cap on one header block.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Default cap on one frame body (the CLI itself accepts 256 MiB requests).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
+/// How much of an oversized body is kept to recover its request id for the error reply.
+const OVERSIZE_PEEK: usize = 64 * 1024;
+
+/// Framing errors; each says whether the stream can continue.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The header block grew past the limit without a blank line.
+    #[error("header block exceeds {limit} bytes")]
+    HeaderTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A header block without a Content-Length header.
+    #[error("Header must provide a Content-Length property.")]
+    MissingContentLength,
+    /// A Content-Length that is not a non-negative decimal integer.
+    #[error("invalid Content-Length value {0:?}")]
+    InvalidContentLength(String),
+    /// A header line that is not `Name: value`.
+    #[error("malformed header line {0:?}")]
+    MalformedHeader(String),
+    /// The body is larger than the limit; it was skipped and the stream is still in sync.
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// Declared body length.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+        /// The start of the skipped body, to recover the request id.
+        head: Bytes,
+    },
+    /// The peer closed the stream in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    UnexpectedEof,
+    /// Socket error.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CodecError {
+    /// Whether the stream is still aligned on a frame boundary after this error.
+    pub fn recoverable(&self) -> bool {
+        matches!(self, CodecError::FrameTooLarge { .. })
+    }
+}
+
+/// Limits applied while decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum header block size in bytes.
+    pub max_header: usize,
+    /// Maximum body size in bytes.
+    pub max_frame: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header: DEFAULT_MAX_HEADER_BYTES,
+            max_frame: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// Result of scanning the buffer for a header block.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeaderScan {
+    /// Not enough bytes yet.
+    Incomplete,
+    /// A complete header: its length in bytes (including the blank line) and the body length.
+    Complete {
+        /// Bytes taken by the header block including the terminating blank line.
+        header_len: usize,
+        /// Declared body length.
+        body_len: usize,
+    },
+}
+
+/// Scans `buf` for a complete header block and parses Content-Length (case-insensitive).
+///
+/// Accepts `\r\n` line endings (and, leniently, bare `\n`), extra headers, and whitespace
+/// around the value, as the CLI does.
+pub fn scan_header(buf: &[u8], max_header: usize) -> Result<HeaderScan, CodecError> {
+    let end = match find_header_end(buf) {
+        Some(e) => e,
+        None => {
+            if buf.len() > max_header {
+                return Err(CodecError::HeaderTooLarge { limit: max_header });
+            }
+            return Ok(HeaderScan::Incomplete);
+        }
+    };
+    let (block_len, total) = end;
+    if block_len > max_header {
+        return Err(CodecError::HeaderTooLarge { limit: max_header });
+    }
+    let block = &buf[..block_len];
+    let mut length = None;
+    for raw in block.split(|b| *b == b'\n') {
+        let line = trim_cr(raw);
+        if line.is_empty() {
+            continue;
+        }
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| CodecError::MalformedHeader(lossy(line)))?;
+        let name = trim_ascii(&line[..colon]);
+        let value = trim_ascii(&line[colon + 1..]);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let text = std::str::from_utf8(value)
+                .map_err(|_| CodecError::InvalidContentLength(lossy(value)))?;
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(CodecError::InvalidContentLength(text.to_string()));
+            }
+            let n: usize = text
+                .parse()
+                .map_err(|_| CodecError::InvalidContentLength(text.to_string()))?;
+            length = Some(n);
+        }
+    }
+    match length {
+        Some(body_len) => Ok(HeaderScan::Complete {
+            header_len: total,
+            body_len,
+        }),
+        None => Err(CodecError::MissingContentLength),
+    }
+}
+
+/// Finds the blank line ending the header block: returns (block length, block + terminator).
+fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut start = 0;
+    while let Some(pos) = memchr::memchr(b'\n', &buf[start..]) {
+        let nl = start + pos;
+        let next = nl + 1;
+        if buf.get(next..next + 2) == Some(b"\r\n") {
+            return Some((nl + 1, next + 2));
+        }
+        if buf.get(next) == Some(&b'\n') {
+            return Some((nl + 1, next + 1));
+        }
+        if next >= buf.len() {
+            return None;
+        }
+        start = next;
+    }
+    None
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim_ascii(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = s {
+        if last.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+fn lossy(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&b[..b.len().min(80)]);
+    s.into_owned()
+}
+
+/// Writes a canonical frame (one header, then the body) into one buffer.
+pub fn encode_frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 32);
+    write_header(&mut out, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Appends the canonical header for a body of `len` bytes.
+pub fn write_header(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(b"Content-Length: ");
+    let mut num = itoa_buf(len);
+    out.append(&mut num);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+fn itoa_buf(n: usize) -> Vec<u8> {
+    n.to_string().into_bytes()
+}
+
+/// Reads frames from a byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    limits: Limits,
+    after_read: Option<fn(&R)>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a reader.
+    pub fn new(inner: R, limits: Limits) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(16 * 1024),
+            limits,
+            after_read: None,
+        }
+    }
+
+    /// Runs `hook` on the reader after every successful read (used to re-arm TCP_QUICKACK).
+    pub fn with_after_read(mut self, hook: fn(&R)) -> Self {
+        self.after_read = Some(hook);
+        self
+    }
+
+    async fn fill(&mut self) -> Result<usize, CodecError> {
+        let n = self.inner.read_buf(&mut self.buf).await?;
+        if let (Some(h), true) = (self.after_read, n > 0) {
+            h(&self.inner);
+        }
+        Ok(n)
+    }
+
+    /// Returns the next frame body, `Ok(None)` on a clean end of stream between frames.
+    pub async fn read_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
+        loop {
+            match scan_header(&self.buf, self.limits.max_header)? {
+                HeaderScan::Complete {
+                    header_len,
+                    body_len,
+                } => {
+                    if body_len > self.limits.max_frame {
+                        self.buf.advance(header_len);
+                        let head = self.skip_body(body_len).await?;
+                        return Err(CodecError::FrameTooLarge {
+                            len: body_len,
+                            limit: self.limits.max_frame,
+                            head,
+                        });
+                    }
+                    let need = header_len + body_len;
+                    if self.buf.len() < need {
+                        self.buf.reserve(need - self.buf.len());
+                        while self.buf.len() < need {
+                            if self.fill().await? == 0 {
+                                return Err(CodecError::UnexpectedEof);
+                            }
+                        }
+                    }
+                    self.buf.advance(header_len);
+                    let body = self.buf.split_to(body_len).freeze();
+                    if self.buf.capacity() > 4 * 1024 * 1024 && self.buf.is_empty() {
+                        // Do not pin a huge allocation to an idle connection.
+                        self.buf = BytesMut::with_capacity(16 * 1024);
+                    }
+                    return Ok(Some(body));
+                }
+                HeaderScan::Incomplete => {
+                    if self.buf.capacity() - self.buf.len() < 4096 {
+                        self.buf.reserve(16 * 1024);
+                    }
+                    if self.fill().await? == 0 {
+                        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+                            return Ok(None);
+                        }
+                        return Err(CodecError::UnexpectedEof);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Discards `len` body bytes without buffering them, keeping the first few KiB.
+    async fn skip_body(&mut self, len: usize) -> Result<Bytes, CodecError> {
+        let mut head = Vec::new();
+        let mut left = len;
+        loop {
+            let take = left.min(self.buf.len());
+            if head.len() < OVERSIZE_PEEK {
+                let keep = take.min(OVERSIZE_PEEK - head.len());
+                head.extend_from_slice(&self.buf[..keep]);
+            }
+            self.buf.advance(take);
+            left -= take;
+            if left == 0 {
+                return Ok(Bytes::from(head));
+            }
+            self.buf.clear();
+            if self.fill().await? == 0 {
+                return Err(CodecError::UnexpectedEof);
+            }
+        }
+    }
+
+    /// Gives back the underlying reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(input: &[u8], limits: Limits) -> Vec<Result<Bytes, String>> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut r = FrameReader::new(input, limits);
+            let mut out = Vec::new();
+            loop {
+                match r.read_frame().await {
+                    Ok(Some(b)) => out.push(Ok(b)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        let rec = e.recoverable();
+                        out.push(Err(e.to_string()));
+                        if !rec {
+                            break;
+                        }
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn parses_case_insensitive_and_extra_headers() {
+        let input = b"content-length: 2\r\nContent-Type: application/json\r\n\r\n{}Content-Length:3\r\n\r\n[1]";
+        let got = frames(input, Limits::default());
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].as_ref().unwrap().as_ref(), b"{}");
+        assert_eq!(got[1].as_ref().unwrap().as_ref(), b"[1]");
+    }
+
+    #[test]
+    fn missing_content_length_is_fatal() {
+        let got = frames(b"Content-Type: x\r\n\r\n{}", Limits::default());
+        assert_eq!(
+            got,
+            vec![Err("Header must provide a Content-Length property.".into())]
+        );
+    }
+
+    #[test]
+    fn oversized_frame_is_skipped_and_stream_continues() {
+        let limits = Limits {
+            max_header: 1024,
+            max_frame: 4,
+        };
+        let got = frames(
+            b"Content-Length: 10\r\n\r\n0123456789Content-Length: 2\r\n\r\n{}",
+            limits,
+        );
+        assert!(got[0].as_ref().unwrap_err().contains("exceeds the limit"));
+        assert_eq!(got[1].as_ref().unwrap().as_ref(), b"{}");
+    }
+
+    #[test]
+    fn header_too_large() {
+        let limits = Limits {
+            max_header: 16,
+            max_frame: 100,
+        };
+        let got = frames(&[b'x'; 64], limits);
+        assert!(got[0].as_ref().unwrap_err().contains("header block exceeds"));
+    }
+
+    #[test]
+    fn negative_or_garbage_length_rejected() {
+        for bad in ["-1", "abc", "", "1 2"] {
+            let input = format!("Content-Length: {bad}\r\n\r\n");
+            let got = frames(input.as_bytes(), Limits::default());
+            assert!(got[0].is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn truncated_body_is_eof_error() {
+        let got = frames(b"Content-Length: 10\r\n\r\n{}", Limits::default());
+        assert_eq!(
+            got,
+            vec![Err("connection closed in the middle of a frame".into())]
+        );
+    }
+
+    #[test]
+    fn encode_is_canonical() {
+        assert_eq!(encode_frame(b"{}"), b"Content-Length: 2\r\n\r\n{}".to_vec());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn roundtrip_any_split(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
+                let mut wire = Vec::new();
+                for b in &bodies { wire.extend(encode_frame(b)); }
+                let got = frames(&wire, Limits::default());
+                prop_assert_eq!(got.len(), bodies.len());
+                for (g, b) in got.iter().zip(&bodies) {
+                    prop_assert_eq!(g.as_ref().unwrap().as_ref(), b.as_slice());
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = frames(&input, Limits { max_header: 64, max_frame: 128 });
+            }
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! YAML configuration: parsing (serde-saphyr, unknown fields rejected), defaults, and
+//! validation with line numbers.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where `copilot-lb serve` looks for a config when given none, in order.
+pub const DEFAULT_CONFIG_PATHS: &[&str] = &["config/copilot-lb.yaml", "/etc/copilot-lb/copilot-lb.yaml"];
+
+/// Configuration errors, each pointing at the file and, where known, the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// YAML syntax or type error (the message carries line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// serde-saphyr's message with a snippet.
+        message: String,
+    },
+    /// Semantic errors found after parsing.
+    #[error("{path}: invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file.
+        path: String,
+        /// One line per problem.
+        problems: Vec<String>,
+    },
+}
+
+/// A duration written as `500ms`, `2s`, `1m`, `1h`, or a bare number of milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millis(pub Duration);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Millis(Duration::from_millis(n))),
+            Raw::S(s) => parse_duration(&s).map(Millis).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `250ms`, `3s`, `2m`, `1h` (or bare milliseconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 500ms, 2s, 5m, 1h)"))?;
+    let d = match unit.trim() {
+        "" | "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing listeners.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Admin HTTP endpoint (health, metrics, API).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Copilot CLI backends.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// Placement policy.
+    #[serde(default)]
+    pub balancing: BalancingConfig,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Active health checking.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How a listener treats its connections.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Session-aware JSON-RPC proxy.
+    #[default]
+    Jsonrpc,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs and metrics.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `host:port` to bind.
+    pub listen: Spanned<String>,
+    /// Listener mode.
+    #[serde(default)]
+    pub mode: ListenerMode,
+}
+
+/// Admin endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port`; loopback by default in the examples.
+    pub listen: Spanned<String>,
+}
+
+/// One Copilot CLI backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Stable name: the input to session hashing. Defaults to the address.
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    /// `host:port` of `copilot --headless --port N`.
+    pub address: Spanned<String>,
+    /// Relative share of new sessions.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Hard cap on live sessions placed here.
+    #[serde(default)]
+    pub max_sessions: Option<u64>,
+    /// Name of an environment variable holding this CLI's `COPILOT_CONNECTION_TOKEN`.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding this CLI's connection token (trailing whitespace ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl BackendConfig {
+    /// The backend's stable name.
+    pub fn name(&self) -> &str {
+        self.name
+            .as_ref()
+            .map(|n| n.value.as_str())
+            .unwrap_or(self.address.value.as_str())
+    }
+}
+
+/// Placement policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancingConfig {
+    /// Bounded-load factor c: no backend takes a new session above ceil(c × average).
+    #[serde(default = "default_bounded_load")]
+    pub bounded_load: f64,
+}
+
+fn default_bounded_load() -> f64 {
+    1.25
+}
+
+impl Default for BalancingConfig {
+    fn default() -> Self {
+        BalancingConfig {
+            bounded_load: default_bounded_load(),
+        }
+    }
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame body accepted from either side, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Largest header block, in bytes.
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: usize,
+    /// Concurrent client connections; further ones wait in the accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TCP connect timeout towards backends.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Millis,
+    /// Time a backend has to answer the proxy's own `connect`.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Millis,
+}
+
+fn default_max_frame() -> usize {
+    crate::codec::DEFAULT_MAX_FRAME_BYTES
+}
+fn default_max_header() -> usize {
+    crate::codec::DEFAULT_MAX_HEADER_BYTES
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_connect_timeout() -> Millis {
+    Millis(Duration::from_secs(3))
+}
+fn default_handshake_timeout() -> Millis {
+    Millis(Duration::from_secs(5))
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: default_max_frame(),
+            max_header_bytes: default_max_header(),
+            max_connections: default_max_connections(),
+            connect_timeout: default_connect_timeout(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between probes (jittered by ±10%).
+    #[serde(default = "default_interval")]
+    pub interval: Millis,
+    /// Probe timeout.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Millis,
+    /// Consecutive successes that mark a backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that mark a backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_interval() -> Millis {
+    Millis(Duration::from_secs(2))
+}
+fn default_probe_timeout() -> Millis {
+    Millis(Duration::from_secs(1))
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: default_interval(),
+            timeout: default_probe_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `copilot_lb=debug`; `RUST_LOG` wins if set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Command-line values that override or stand in for the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replaces all listeners with one JSON-RPC listener.
+    pub listen: Option<String>,
+    /// Replaces all backends.
+    pub backends: Vec<String>,
+    /// Replaces the admin address.
+    pub admin: Option<String>,
+}
+
+fn spanned<T>(value: T) -> Spanned<T> {
+    Spanned {
+        value,
+        referenced: serde_saphyr::Location::UNKNOWN,
+        defined: serde_saphyr::Location::UNKNOWN,
+    }
+}
+
+impl Config {
+    /// Parses YAML text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Applies command-line overrides and validates again.
+    pub fn apply(mut self, o: &Overrides, origin: &str) -> Result<Config, ConfigError> {
+        if let Some(l) = &o.listen {
+            self.listeners = vec![ListenerConfig {
+                name: Some("main".into()),
+                listen: spanned(l.clone()),
+                mode: ListenerMode::Jsonrpc,
+            }];
+        }
+        if !o.backends.is_empty() {
+            self.backends = o
+                .backends
+                .iter()
+                .map(|a| BackendConfig {
+                    name: None,
+                    address: spanned(a.clone()),
+                    weight: 1.0,
+                    max_sessions: None,
+                    token_env: None,
+                    token_file: None,
+                })
+                .collect();
+        }
+        if let Some(a) = &o.admin {
+            self.admin = Some(AdminConfig {
+                listen: spanned(a.clone()),
+            });
+        }
+        self.validate(origin)?;
+        Ok(self)
+    }
+
+    /// Checks everything serde cannot: addresses, duplicates, ranges, token sources.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let at = |s: &Spanned<String>| {
+            let l = s.referenced;
+            if l == serde_saphyr::Location::UNKNOWN {
+                "command line".to_string()
+            } else {
+                format!("line {}, column {}", l.line(), l.column())
+            }
+        };
+        for l in &self.listeners {
+            if let Err(e) = check_addr(&l.listen.value) {
+                problems.push(format!("{}: listeners[].listen {e}", at(&l.listen)));
+            }
+        }
+        if let Some(a) = &self.admin {
+            if let Err(e) = check_addr(&a.listen.value) {
+                problems.push(format!("{}: admin.listen {e}", at(&a.listen)));
+            }
+        }
+        let mut names = HashSet::new();
+        for b in &self.backends {
+            if let Err(e) = check_addr(&b.address.value) {
+                problems.push(format!("{}: backends[].address {e}", at(&b.address)));
+            }
+            let where_name = b.name.as_ref().map(&at).unwrap_or_else(|| at(&b.address));
+            if b.name().is_empty() {
+                problems.push(format!("{where_name}: backend name must not be empty"));
+            }
+            if !names.insert(b.name().to_string()) {
+                problems.push(format!(
+                    "{where_name}: duplicate backend name {:?} (names are the hashing key and must be unique)",
+                    b.name()
+                ));
+            }
+            if !(b.weight.is_finite() && b.weight > 0.0) {
+                problems.push(format!("{}: backend {:?}: weight must be > 0", at(&b.address), b.name()));
+            }
+            if b.token_env.is_some() && b.token_file.is_some() {
+                problems.push(format!(
+                    "{}: backend {:?}: set token_env or token_file, not both",
+                    at(&b.address),
+                    b.name()
+                ));
+            }
+            if b.max_sessions == Some(0) {
+                problems.push(format!("{}: backend {:?}: max_sessions must be >= 1", at(&b.address), b.name()));
+            }
+        }
+        if !(self.balancing.bounded_load.is_finite() && self.balancing.bounded_load >= 1.0) {
+            problems.push(format!(
+                "balancing.bounded_load must be >= 1.0 (got {})",
+                self.balancing.bounded_load
+            ));
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            problems.push("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if self.limits.max_header_bytes < 64 {
+            problems.push("limits.max_header_bytes must be at least 64".into());
+        }
+        if self.limits.max_connections == 0 {
+            problems.push("limits.max_connections must be at least 1".into());
+        }
+        if self.health.rise == 0 || self.health.fall == 0 {
+            problems.push("health.rise and health.fall must be at least 1".into());
+        }
+        if self.health.interval.0.is_zero() || self.health.timeout.0.is_zero() {
+            problems.push("health.interval and health.timeout must be positive".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Reads every backend's connection token from its env var or file.
+    pub fn backend_token(b: &BackendConfig) -> Result<Option<String>, String> {
+        if let Some(var) = &b.token_env {
+            return match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                Ok(_) => Err(format!("backend {:?}: environment variable {var} is empty", b.name())),
+                Err(_) => Err(format!("backend {:?}: environment variable {var} is not set", b.name())),
+            };
+        }
+        if let Some(path) = &b.token_file {
+            return match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                Ok(_) => Err(format!("backend {:?}: token file {} is empty", b.name(), path.display())),
+                Err(e) => Err(format!("backend {:?}: cannot read token file {}: {e}", b.name(), path.display())),
+            };
+        }
+        Ok(None)
+    }
+}
+
+/// Checks `host:port` shape (names are resolved at connect time).
+pub fn check_addr(a: &str) -> Result<(), String> {
+    if a.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{a:?} must be host:port"))?;
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err(format!("{a:?} has an invalid host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{a:?} has an invalid port"))?;
+    Ok(())
+}
+
+/// Finds the config file to use when none was given.
+pub fn default_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("COPILOT_LB_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    DEFAULT_CONFIG_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = Config::from_yaml(
+            "listeners:\n  - listen: 127.0.0.1:4321\nbackends:\n  - address: 127.0.0.1:41001\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.balancing.bounded_load, 1.25);
+        assert_eq!(c.backends[0].name(), "127.0.0.1:41001");
+        assert_eq!(c.health.fall, 3);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_line() {
+        let err = Config::from_yaml("backends:\n  - address: 127.0.0.1:1\n    wieght: 2\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wieght"), "{err}");
+        assert!(err.contains('3'), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_carry_lines() {
+        let err = Config::from_yaml(
+            "backends:\n  - address: 127.0.0.1:1\n  - address: nope\n  - address: 127.0.0.1:1\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("duplicate backend name"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("2 weeks").is_err());
+        let c = Config::from_yaml("health:\n  interval: 250ms\n  timeout: 1s\n", "t").unwrap();
+        assert_eq!(c.health.interval.0, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn overrides_stand_in_for_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:4321".into()),
+            backends: vec!["127.0.0.1:41001".into(), "127.0.0.1:41002".into()],
+            admin: None,
+        };
+        let c = Config::default().apply(&o, "flags").unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.listeners[0].listen.value, "127.0.0.1:4321");
+        let bad = Overrides {
+            backends: vec!["nope".into()],
+            ..Default::default()
+        };
+        assert!(Config::default().apply(&bad, "flags").unwrap_err().to_string().contains("command line"));
+    }
+}

@@ -1,0 +1,21 @@
+//! copilot-lb: a session-aware, highly available load-balancing proxy for GitHub Copilot CLI
+//! servers running in headless mode.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod affinity;
+pub mod app;
+pub mod auth;
+pub mod backend;
+pub mod balance;
+pub mod codec;
+pub mod config;
+pub mod envelope;
+pub mod fake_cli;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod rpc;
+pub mod wire;

@@ -1,0 +1,125 @@
+//! The `copilot-lb` command line.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use copilot_lb::config::{self, Config, Overrides};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "copilot-lb", version, about = "Session-aware load balancer for GitHub Copilot CLI servers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy.
+    Serve {
+        /// YAML config (default: $COPILOT_LB_CONFIG, ./config/copilot-lb.yaml, /etc/copilot-lb/copilot-lb.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Client listener HOST:PORT (replaces the config's listeners).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Backend HOST:PORT, repeatable (replaces the config's backends).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+        /// Admin API HOST:PORT.
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Validate a config file and explain any errors.
+    CheckConfig {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// Print a session's backend ranking (its failover order).
+    Route {
+        /// The YAML file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Session id.
+        session_id: String,
+    },
+    /// Print the hash of a client token, for tenants[].token_hashes (reads stdin if no arg).
+    HashToken {
+        /// The token (prefer stdin so it stays out of shell history).
+        token: Option<String>,
+    },
+}
+
+fn load(path: &Path) -> Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { config: path, listen, backends, admin } => {
+            let o = Overrides { listen, backends, admin };
+            let flags_only = o.listen.is_some() || !o.backends.is_empty();
+            let (cfg, origin) = match path {
+                Some(p) => (load(&p)?, p.display().to_string()),
+                None if flags_only => (Config::default(), "command line".to_string()),
+                None => match config::default_path() {
+                    Some(p) => (load(&p)?, p.display().to_string()),
+                    None => bail!("no config given and none found at {:?}; use --config FILE or --listen/--backend", config::DEFAULT_CONFIG_PATHS),
+                },
+            };
+            let mut cfg = cfg.apply(&o, &origin)?;
+            if cfg.listeners.is_empty() {
+                cfg = cfg.apply(&Overrides { listen: Some("127.0.0.1:4321".into()), ..Default::default() }, &origin)?;
+            }
+            copilot_lb::app::init_logging(&cfg);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(copilot_lb::app::run(cfg)).context("copilot-lb failed")?;
+            Ok(())
+        }
+        Cmd::CheckConfig { file } => {
+            let cfg = load(&file)?;
+            let mut problems = Vec::new();
+            for b in &cfg.backends {
+                if let Err(e) = Config::backend_token(b) {
+                    problems.push(e);
+                }
+            }
+            println!(
+                "{}: ok ({} listener(s), {} backend(s))",
+                file.display(),
+                cfg.listeners.len(),
+                cfg.backends.len()
+            );
+            for p in &problems {
+                println!("warning: {p} (the proxy will refuse to start until it is available)");
+            }
+            Ok(())
+        }
+        Cmd::Route { config: path, session_id } => {
+            let cfg = load(&path)?;
+            let order = copilot_lb::balance::rank(&session_id, cfg.backends.iter().map(|b| (b.name(), b.weight)));
+            for (n, i) in order.iter().enumerate() {
+                let b = &cfg.backends[*i];
+                let score = copilot_lb::balance::score(b.name(), b.weight, &session_id);
+                println!("{}. {} ({}) score={score:.6}", n + 1, b.name(), b.address.value);
+            }
+            Ok(())
+        }
+        Cmd::HashToken { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_line(&mut s)?;
+                    s.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if token.is_empty() {
+                bail!("empty token");
+            }
+            println!("{}", copilot_lb::auth::hash_token(&token));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics (prometheus-client). Labels are low-cardinality: method class, result,
+//! backend name, direction. Never a session id, method name from a client, or a token.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Request outcome labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReqLabels {
+    /// Route class (session, create, list, global, local, denied, …).
+    pub class: &'static str,
+    /// ok, error (backend error reply), proxy_error (answered by the proxy with an error).
+    pub result: &'static str,
+}
+
+/// Per-backend labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Backend name.
+    pub backend: String,
+}
+
+/// Backend state transition labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// Backend name.
+    pub backend: String,
+    /// New state.
+    pub to: &'static str,
+}
+
+/// Direction labels for byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    /// client_in, client_out, backend_in, backend_out.
+    pub direction: &'static str,
+}
+
+/// Class labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// Route class.
+    pub class: &'static str,
+}
+
+/// Reason labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Client connections accepted.
+    pub connections_total: Counter,
+    /// Client connections open now.
+    pub connections_active: Gauge,
+    /// Client requests by class and result.
+    pub requests: Family<ReqLabels, Counter>,
+    /// Request latency by class (seconds, client request in to reply out).
+    pub request_duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
+    /// Frame bytes by direction.
+    pub frame_bytes: Family<DirLabels, Counter>,
+    /// Frames by direction.
+    pub frames: Family<DirLabels, Counter>,
+    /// Frames refused (oversized, unparseable) by reason.
+    pub bad_frames: Family<ReasonLabels, Counter>,
+    /// Live sessions per backend.
+    pub sessions: Family<BackendLabels, Gauge>,
+    /// Backend state: 0 up, 1 draining, 2 down.
+    pub backend_state: Family<BackendLabels, Gauge>,
+    /// Backend state transitions.
+    pub backend_transitions: Family<TransitionLabels, Counter>,
+    /// Upstream links open per backend.
+    pub backend_links: Family<BackendLabels, Gauge>,
+    /// Sessions moved to another backend by failover.
+    pub failovers: Family<BackendLabels, Counter>,
+    /// Sessions that could not fail over (policy fail, or resume refused).
+    pub failover_failures: Family<BackendLabels, Counter>,
+    /// Health probe latency (seconds).
+    pub probe_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    /// Health probe failures.
+    pub probe_failures: Family<BackendLabels, Counter>,
+    /// Passive failures seen on live traffic.
+    pub passive_failures: Family<BackendLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("copilot_lb");
+        let m = Metrics {
+            connections_total: Counter::default(),
+            connections_active: Gauge::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            frame_bytes: Family::default(),
+            frames: Family::default(),
+            bad_frames: Family::default(),
+            sessions: Family::default(),
+            backend_state: Family::default(),
+            backend_transitions: Family::default(),
+            backend_links: Family::default(),
+            failovers: Family::default(),
+            failover_failures: Family::default(),
+            probe_duration: Family::new_with_constructor(latency_histogram),
+            probe_failures: Family::default(),
+            passive_failures: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Client connections accepted", m.connections_total.clone());
+        registry.register("connections_active", "Client connections open now", m.connections_active.clone());
+        registry.register("requests", "Client requests by route class and result", m.requests.clone());
+        registry.register("request_duration_seconds", "Client request latency through the proxy", m.request_duration.clone());
+        registry.register("frame_bytes", "Frame body bytes by direction", m.frame_bytes.clone());
+        registry.register("frames", "Frames by direction", m.frames.clone());
+        registry.register("bad_frames", "Frames refused, by reason", m.bad_frames.clone());
+        registry.register("backend_sessions", "Live sessions per backend", m.sessions.clone());
+        registry.register("backend_state", "Backend state (0 up, 1 draining, 2 down)", m.backend_state.clone());
+        registry.register("backend_transitions", "Backend state transitions", m.backend_transitions.clone());
+        registry.register("backend_links", "Upstream links open per backend", m.backend_links.clone());
+        registry.register("failovers", "Sessions moved to another backend by failover, by old backend", m.failovers.clone());
+        registry.register("failover_failures", "Sessions that could not fail over, by old backend", m.failover_failures.clone());
+        registry.register("health_probe_duration_seconds", "Active health probe latency", m.probe_duration.clone());
+        registry.register("health_probe_failures", "Active health probe failures", m.probe_failures.clone());
+        registry.register("passive_failures", "Failures seen on live traffic (refused, reset, timeout)", m.passive_failures.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one request outcome.
+    pub fn request(&self, class: &'static str, result: &'static str) {
+        self.requests.get_or_create(&ReqLabels { class, result }).inc();
+    }
+
+    /// Counts one frame.
+    pub fn frame(&self, direction: &'static str, bytes: usize) {
+        let l = DirLabels { direction };
+        self.frames.get_or_create(&l).inc();
+        self.frame_bytes.get_or_create(&l).inc_by(bytes as u64);
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

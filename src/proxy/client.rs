@@ -1,0 +1,824 @@
+//! One client (SDK) connection: handshake, routing of every request, and delivery of replies,
+//! events and CLI callbacks back to it.
+
+use super::link::{ClientReq, ClientReqMeta, Link, LinkEnd};
+use super::Shared;
+use crate::auth::Tenant;
+use crate::backend::{Backend, State};
+use crate::balance;
+use crate::codec::{CodecError, FrameReader};
+use crate::envelope::{self, Kind};
+use crate::route::{self, Route};
+use crate::{rpc, wire};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long a fan-out waits for each backend.
+const FANOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A session this connection created or resumed, with what it would take to resume it again.
+#[derive(Debug, Clone)]
+struct Joined {
+    backend: String,
+    /// The raw params of the last create/resume (memory only: may hold provider keys).
+    params: Option<String>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    authenticated: bool,
+    tenant: Option<Arc<Tenant>>,
+    telemetry: bool,
+    links: HashMap<String, Arc<Link>>,
+    joined: HashMap<String, Joined>,
+    known: HashSet<String>,
+    server_reqs: HashMap<u64, (Arc<Link>, Box<RawValue>)>,
+    requests: u64,
+}
+
+/// A connected SDK client.
+pub struct ClientConn {
+    /// Connection number (logs, metrics, rendezvous key for global calls).
+    pub id: u64,
+    /// Peer address.
+    pub peer: String,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// Cancelled when the client goes away; every link is a child of it.
+    pub cancel: CancellationToken,
+    out: mpsc::Sender<Bytes>,
+    st: Mutex<ConnState>,
+    next_srv: AtomicU64,
+}
+
+/// Serves one accepted client connection to completion.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identity: Option<String>) {
+    wire::tune(&stream);
+    let (r, w) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(1024);
+    let id = shared.next_conn_id();
+    let conn = Arc::new(ClientConn {
+        id,
+        peer: peer.clone(),
+        shared: shared.clone(),
+        cancel: CancellationToken::new(),
+        out: out_tx,
+        st: Mutex::new(ConnState::default()),
+        next_srv: AtomicU64::new(1),
+    });
+    let _ = identity;
+    shared.metrics.connections_total.inc();
+    shared.metrics.connections_active.inc();
+    let started = Instant::now();
+    debug!(conn = id, %peer, "client connected");
+    let writer = tokio::spawn(wire::writer(w, out_rx));
+    let mut reader = FrameReader::new(r, shared.limits()).with_after_read(wire::quickack);
+    loop {
+        let frame = tokio::select! {
+            f = reader.read_frame() => f,
+            _ = conn.cancel.cancelled() => break,
+        };
+        match frame {
+            Ok(Some(body)) => {
+                shared.metrics.frame("client_in", body.len());
+                conn.on_client_frame(body).await;
+            }
+            Ok(None) => break,
+            Err(CodecError::FrameTooLarge { len, limit, head }) => {
+                shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" }).inc();
+                let id = envelope::sniff_id(&head).unwrap_or_else(|| "null".into());
+                warn!(conn = id_str(&conn), len, limit, "oversized frame refused");
+                let msg = format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes); it was discarded");
+                conn.reply_error(&id, rpc::FRAME_TOO_LARGE, &msg, Some(rpc::data(false, json!({"limit": limit, "length": len}))))
+                    .await;
+            }
+            Err(e @ (CodecError::MissingContentLength | CodecError::InvalidContentLength(_) | CodecError::MalformedHeader(_) | CodecError::HeaderTooLarge { .. })) => {
+                shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "framing" }).inc();
+                warn!(conn = id, error = %e, "framing error; closing connection");
+                conn.reply_error("null", rpc::PARSE_ERROR, &e.to_string(), None).await;
+                break;
+            }
+            Err(e) => {
+                debug!(conn = id, error = %e, "client read ended");
+                break;
+            }
+        }
+    }
+    let summary = conn.close();
+    drop(conn);
+    let _ = writer.await;
+    shared.metrics.connections_active.dec();
+    info!(conn = id, %peer, duration_ms = started.elapsed().as_millis() as u64, requests = summary.0, sessions = summary.1, "client connection closed");
+}
+
+fn id_str(c: &ClientConn) -> u64 {
+    c.id
+}
+
+impl ClientConn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the client asked for telemetry forwarding in its `connect`.
+    pub fn telemetry(&self) -> bool {
+        self.lock().telemetry
+    }
+
+    fn tenant(&self) -> Arc<Tenant> {
+        self.lock()
+            .tenant
+            .clone()
+            .unwrap_or_else(|| self.shared.auth().anonymous())
+    }
+
+    /// Queues a body for the client; a closed client just drops it.
+    pub async fn send_to_client(&self, body: Bytes) {
+        self.shared.metrics.frame("client_out", body.len());
+        let _ = self.out.send(body).await;
+    }
+
+    async fn reply_error(&self, id: &str, code: i64, message: &str, data: Option<Value>) {
+        self.send_to_client(Bytes::from(rpc::error(id, code, message, data))).await;
+    }
+
+    async fn reply_result(&self, id: &str, result: &Value) {
+        self.send_to_client(Bytes::from(rpc::result(id, result))).await;
+    }
+
+    async fn fail(&self, req: &ClientReq, code: i64, message: &str, data: Value) {
+        let retryable = data.get("retryable").and_then(Value::as_bool).unwrap_or(false);
+        self.shared.metrics.request(route::class_label(req.route), "proxy_error");
+        debug!(conn = self.id, method = %req.method, code, message, "request answered with a proxy error");
+        let _ = retryable;
+        self.reply_error(req.id.get(), code, message, Some(data)).await;
+    }
+
+    /// Closes every link and releases this connection's sessions. Returns (requests, sessions).
+    fn close(&self) -> (u64, usize) {
+        self.cancel.cancel();
+        let (links, joined, requests) = {
+            let mut st = self.lock();
+            let links: Vec<_> = st.links.drain().map(|(_, l)| l).collect();
+            let joined: Vec<_> = st.joined.drain().map(|(s, _)| s).collect();
+            st.server_reqs.clear();
+            (links, joined, st.requests)
+        };
+        for l in links {
+            l.close();
+        }
+        for s in &joined {
+            self.shared.sessions.leave(s, &self.shared.pool);
+        }
+        self.shared.refresh_gauges();
+        (requests, joined.len())
+    }
+
+    async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
+        let env = match envelope::parse(&body) {
+            Ok(e) => e,
+            Err(e) => {
+                self.shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "invalid" }).inc();
+                let id = envelope::sniff_id(&body).unwrap_or_else(|| "null".into());
+                self.reply_error(&id, e.code(), &e.to_string(), None).await;
+                return;
+            }
+        };
+        match env.kind {
+            Kind::Request => {
+                let Some(id) = env.id.map(|r| r.to_owned()) else { return };
+                let id_span = env.id_span.unwrap_or((0, 0));
+                let method = env.method.as_deref().unwrap_or("").to_string();
+                let session = env.session_id.as_deref().map(str::to_string);
+                let params_ok = env.params_is_object;
+                drop(env);
+                let route = route::classify(&method, session.is_some());
+                let req = ClientReq {
+                    body,
+                    id,
+                    id_span,
+                    method,
+                    session,
+                    route,
+                    started: Instant::now(),
+                    fresh: false,
+                };
+                self.lock().requests += 1;
+                if !params_ok && req.route != Route::Local {
+                    let m = format!("{}: params must be an object", req.method);
+                    self.fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({}))).await;
+                    return;
+                }
+                self.on_request(req).await;
+            }
+            Kind::Response => {
+                let n = env.id_u64();
+                let span = env.id_span.unwrap_or((0, 0));
+                drop(env);
+                let target = n.and_then(|n| self.lock().server_reqs.remove(&n));
+                match target {
+                    Some((link, orig)) => {
+                        let fixed = envelope::splice(&body, span, orig.get().as_bytes());
+                        if !link.send_raw(Bytes::from(fixed)).await {
+                            debug!(conn = self.id, "reply to a CLI request arrived after its link closed");
+                        }
+                    }
+                    None => warn!(conn = self.id, "client sent a response to an unknown request id; dropped"),
+                }
+            }
+            Kind::Notification => {
+                // Only .NET sends one ($/cancelRequest), and the CLI ignores it.
+                debug!(conn = self.id, method = env.method.as_deref().unwrap_or(""), "client notification dropped");
+            }
+        }
+    }
+
+    async fn on_request(self: &Arc<Self>, req: ClientReq) {
+        let auth = self.shared.auth();
+        if req.method == "connect" {
+            return self.on_connect(req).await;
+        }
+        if auth.required() && !self.lock().authenticated {
+            self.shared.metrics.request(route::class_label(req.route), "proxy_error");
+            return self.reply_error(req.id.get(), rpc::AUTHENTICATION_REQUIRED, "AUTHENTICATION_REQUIRED", None).await;
+        }
+        self.dispatch(req).await;
+    }
+
+    async fn on_connect(self: &Arc<Self>, req: ClientReq) {
+        let params: Value = envelope::raw_params(&req.body)
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(Value::Null);
+        let token = params.get("token").and_then(Value::as_str);
+        let auth = self.shared.auth();
+        let verdict = auth.authenticate(token, None);
+        match verdict {
+            Ok(tenant) => {
+                {
+                    let mut st = self.lock();
+                    st.authenticated = true;
+                    st.tenant = Some(tenant);
+                    st.telemetry = params
+                        .get("enableGitHubTelemetryForwarding")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                }
+                self.shared.metrics.request("local", "ok");
+                let version = self.shared.backend_version();
+                self.reply_result(req.id.get(), &json!({"ok": true, "protocolVersion": rpc::PROTOCOL_VERSION, "version": version}))
+                    .await;
+            }
+            Err((code, msg)) => {
+                self.shared.metrics.request("local", "proxy_error");
+                warn!(conn = self.id, peer = %self.peer, code, "client connect refused");
+                self.reply_error(req.id.get(), code, msg, None).await;
+            }
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, req: ClientReq) {
+        match req.route {
+            Route::Local => {
+                // `ping` (connect is handled before authentication).
+                let params: Value = envelope::raw_params(&req.body)
+                    .and_then(|p| serde_json::from_str(p).ok())
+                    .unwrap_or(Value::Null);
+                let msg = params.get("message").and_then(Value::as_str).unwrap_or("");
+                self.shared.metrics.request("local", "ok");
+                self.reply_result(
+                    req.id.get(),
+                    &json!({"message": format!("pong: {msg}"), "timestamp": rpc::now_millis(), "protocolVersion": rpc::PROTOCOL_VERSION}),
+                )
+                .await;
+            }
+            Route::Denied(d) => {
+                let m = d.message(&req.method);
+                self.fail(&req, rpc::METHOD_NOT_FOUND, &m, rpc::data(false, json!({"method": req.method}))).await;
+            }
+            Route::Create => self.create(req, Vec::new()).await,
+            Route::Resume => self.resume(req).await,
+            Route::Session | Route::Delete | Route::Detach => self.session_call(req).await,
+            Route::Global => {
+                let key = format!("conn-{}", self.id);
+                match self.pick_any(&key) {
+                    Some(b) => self.forward(b, req).await,
+                    None => self.no_backend(req).await,
+                }
+            }
+            Route::FanOutList | Route::LastId => {
+                let me = self.clone();
+                tokio::spawn(async move { me.list(req).await });
+            }
+        }
+    }
+
+    async fn no_backend(&self, req: ClientReq) {
+        self.fail(
+            &req,
+            rpc::BACKEND_UNAVAILABLE,
+            "no Copilot CLI backend is available (all are down or draining)",
+            rpc::data(true, json!({})),
+        )
+        .await;
+    }
+
+    /// The first usable backend in `key`'s rendezvous order (up preferred over draining).
+    fn pick_any(&self, key: &str) -> Option<Arc<Backend>> {
+        let all = self.shared.pool.all();
+        let order = balance::rank(key, all.iter().map(|b| (b.name.as_str(), b.weight)));
+        let up = order.iter().map(|i| &all[*i]).find(|b| b.state() == State::Up);
+        up.or_else(|| order.iter().map(|i| &all[*i]).find(|b| b.state() != State::Down))
+            .cloned()
+    }
+
+    /// The backend a session lives on, or its home if the proxy has never seen it.
+    fn locate(&self, sid: &str) -> Option<Arc<Backend>> {
+        match self.shared.sessions.get(sid) {
+            Some(p) => self.shared.pool.get(&p.backend),
+            None => self.pick_any(sid),
+        }
+    }
+
+    /// Ownership check for any call naming a session. Returns false after answering.
+    async fn check_owner(&self, req: &ClientReq, sid: &str) -> bool {
+        let tenant = self.tenant();
+        let ok = match self.shared.sessions.owner(sid) {
+            Some(owner) => owner == tenant.name,
+            None => tenant.may_claim(sid),
+        };
+        if !ok {
+            let m = format!("session {sid} does not exist or belongs to another tenant");
+            self.fail(req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+        }
+        ok
+    }
+
+    async fn session_call(self: &Arc<Self>, req: ClientReq) {
+        let Some(sid) = req.session.clone() else { return };
+        if !self.check_owner(&req, &sid).await {
+            return;
+        }
+        if req.route == Route::Detach {
+            let removed = self.lock().joined.remove(&sid);
+            if removed.is_some() {
+                self.shared.sessions.leave(&sid, &self.shared.pool);
+                self.shared.refresh_gauges();
+            }
+        }
+        self.shared.sessions.touch(&sid);
+        match self.locate(&sid) {
+            Some(b) => self.forward(b, req).await,
+            None => self.no_backend(req).await,
+        }
+    }
+
+    async fn create(self: &Arc<Self>, mut req: ClientReq, exclude: Vec<String>) {
+        let tenant = self.tenant();
+        let sid = match req.session.clone() {
+            Some(s) => s,
+            None => {
+                let sid = uuid::Uuid::new_v4().to_string();
+                match inject_session_id(&req.body, &sid) {
+                    Some((body, span)) => {
+                        req.body = Bytes::from(body);
+                        req.id_span = span;
+                        req.session = Some(sid.clone());
+                        sid
+                    }
+                    None => {
+                        let m = "session.create: params must be an object".to_string();
+                        return self.fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({}))).await;
+                    }
+                }
+            }
+        };
+        if let Err(why) = tenant.may_create(&sid) {
+            return self.fail(&req, rpc::SESSION_ID_NOT_ALLOWED, &why, rpc::data(false, json!({"sessionId": sid}))).await;
+        }
+        if let Some(limit) = tenant.max_sessions {
+            let live = self.shared.live_sessions_of(&tenant.name);
+            if live >= limit && self.shared.sessions.get(&sid).is_none() {
+                let m = format!("tenant {} already holds its maximum of {limit} live sessions", tenant.name);
+                return self.fail(&req, rpc::SESSION_LIMIT, &m, rpc::data(true, json!({"limit": limit}))).await;
+            }
+        }
+        let backend = match self.shared.place(&sid, &tenant, &exclude) {
+            Some(b) => b,
+            None => return self.no_backend(req).await,
+        };
+        let backend = match self.shared.sessions.claim(&sid, &tenant.name, &backend.name) {
+            crate::affinity::Claim::New => {
+                req.fresh = true;
+                backend
+            }
+            crate::affinity::Claim::Existing(name) => match self.shared.pool.get(&name) {
+                Some(b) => b,
+                None => return self.no_backend(req).await,
+            },
+            crate::affinity::Claim::Foreign => {
+                let m = format!("session {sid} belongs to another tenant");
+                return self.fail(&req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+            }
+        };
+        // Installed before forwarding: the CLI may call back (sessionFs, hooks) or announce the
+        // session (lifecycle) before it replies.
+        self.join(&sid, &backend.name, envelope::raw_params(&req.body).map(str::to_string));
+        self.forward(backend, req).await;
+    }
+
+    fn join(&self, sid: &str, backend: &str, params: Option<String>) {
+        let first = {
+            let mut st = self.lock();
+            st.known.insert(sid.to_string());
+            st.joined
+                .insert(sid.to_string(), Joined { backend: backend.to_string(), params })
+                .is_none()
+        };
+        if first {
+            self.shared.sessions.join(sid, &self.shared.pool);
+            self.shared.refresh_gauges();
+        }
+    }
+
+    fn unjoin(&self, sid: &str) {
+        if self.lock().joined.remove(sid).is_some() {
+            self.shared.sessions.leave(sid, &self.shared.pool);
+            self.shared.refresh_gauges();
+        }
+    }
+
+    async fn resume(self: &Arc<Self>, req: ClientReq) {
+        let Some(sid) = req.session.clone() else { return };
+        if !self.check_owner(&req, &sid).await {
+            return;
+        }
+        if let Some(p) = self.shared.sessions.get(&sid) {
+            let Some(b) = self.shared.pool.get(&p.backend) else {
+                return self.no_backend(req).await;
+            };
+            self.join(&sid, &b.name, envelope::raw_params(&req.body).map(str::to_string));
+            return self.forward(b, req).await;
+        }
+        // Unknown to this proxy (restarted, or created elsewhere): ask backends in the
+        // session's rendezvous order until one has it.
+        let me = self.clone();
+        tokio::spawn(async move { me.resume_probe(req, sid).await });
+    }
+
+    async fn resume_probe(self: &Arc<Self>, req: ClientReq, sid: String) {
+        let all = self.shared.pool.all();
+        let order = balance::rank(&sid, all.iter().map(|b| (b.name.as_str(), b.weight)));
+        let mut last: Option<Bytes> = None;
+        for i in order {
+            let b = all[i].clone();
+            if b.state() == State::Down {
+                continue;
+            }
+            let link = self.link(&b);
+            // Joined first so events emitted during resume reach the client.
+            self.lock().known.insert(sid.clone());
+            let reply = match link.call_as_proxy(&req.body, req.id_span).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(conn = self.id, backend = %b.name, error = %e, "resume probe failed");
+                    continue;
+                }
+            };
+            let v: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+            if let Some(err) = v.get("error") {
+                let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+                if msg.contains("Session not found") {
+                    last = Some(reply);
+                    continue;
+                }
+                last = Some(reply);
+                break;
+            }
+            let tenant = self.tenant();
+            match self.shared.sessions.claim(&sid, &tenant.name, &b.name) {
+                crate::affinity::Claim::Foreign => {
+                    let m = format!("session {sid} belongs to another tenant");
+                    return self.fail(&req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+                }
+                _ => {}
+            }
+            self.join(&sid, &b.name, envelope::raw_params(&req.body).map(str::to_string));
+            self.deliver(&req, &reply, true).await;
+            return;
+        }
+        match last {
+            Some(reply) => self.deliver(&req, &reply, false).await,
+            None => self.no_backend(req).await,
+        }
+    }
+
+    /// Sends a reply obtained through an internal call back under the client's own id.
+    async fn deliver(&self, req: &ClientReq, reply: &[u8], ok: bool) {
+        let span = match envelope::parse(reply) {
+            Ok(e) => e.id_span,
+            Err(_) => None,
+        };
+        let Some(span) = span else { return };
+        let out = envelope::splice(reply, span, req.id.get().as_bytes());
+        self.shared.metrics.request(route::class_label(req.route), if ok { "ok" } else { "error" });
+        self.send_to_client(Bytes::from(out)).await;
+    }
+
+    /// The client's link to `backend`, opened on first use.
+    fn link(self: &Arc<Self>, backend: &Arc<Backend>) -> Arc<Link> {
+        let mut st = self.lock();
+        if let Some(l) = st.links.get(&backend.name) {
+            if !l.is_dead() && Arc::ptr_eq(&l.backend, backend) {
+                return l.clone();
+            }
+        }
+        let l = Link::spawn(self, backend.clone());
+        st.links.insert(backend.name.clone(), l.clone());
+        l
+    }
+
+    async fn forward(self: &Arc<Self>, backend: Arc<Backend>, req: ClientReq) {
+        if backend.state() == State::Down {
+            return self.backend_down(req, &backend).await;
+        }
+        let link = self.link(&backend);
+        if let Err(req) = link.send_client(req).await {
+            // The link died between lookup and send; one fresh attempt.
+            let link = self.link(&backend);
+            if let Err(req) = link.send_client(req).await {
+                self.backend_down(req, &backend).await;
+            }
+        }
+    }
+
+    async fn backend_down(self: &Arc<Self>, req: ClientReq, backend: &Backend) {
+        if req.route == Route::Create && req.fresh {
+            // Nothing exists yet: place the new session elsewhere.
+            if let Some(sid) = &req.session {
+                self.unjoin(sid);
+                self.shared.sessions.remove(sid, &self.shared.pool);
+            }
+            let mut req = req;
+            req.fresh = false;
+            let exclude = vec![backend.name.clone()];
+            let me = self.clone();
+            return Box::pin(me.create(req, exclude)).await;
+        }
+        let m = format!("backend {} is unavailable; the request was not processed and may be retried", backend.name);
+        self.fail(&req, rpc::BACKEND_UNAVAILABLE, &m, rpc::data(true, json!({"backend": backend.name, "sessionId": req.session}))).await;
+    }
+
+    /// Called by a link that ended: re-route what it never sent, fail what it had in flight.
+    pub fn link_died(self: &Arc<Self>, link: &Link, why: &LinkEnd, reason: &str, unsent: Vec<ClientReq>, in_flight: Vec<ClientReqMeta>) {
+        {
+            let mut st = self.lock();
+            if st
+                .links
+                .get(&link.backend.name)
+                .is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), link))
+            {
+                st.links.remove(&link.backend.name);
+            }
+            st.server_reqs.retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
+        }
+        if matches!(why, LinkEnd::Closed) || self.cancel.is_cancelled() {
+            return;
+        }
+        let me = self.clone();
+        let backend = link.backend.clone();
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            for meta in in_flight {
+                me.shared.metrics.request(route::class_label(meta.route), "proxy_error");
+                let m = format!("{} was in flight when {reason}; it may not have completed and may be retried", meta.method);
+                me.reply_error(meta.id.get(), rpc::BACKEND_UNAVAILABLE, &m, Some(rpc::data(true, json!({"backend": backend.name, "sessionId": meta.session}))))
+                    .await;
+            }
+            for req in unsent {
+                me.backend_down(req, &backend).await;
+            }
+        });
+    }
+
+    /// A reply from a backend to one of this client's requests.
+    pub async fn backend_reply(&self, _link: &Link, meta: ClientReqMeta, body: &[u8], span: (usize, usize), is_error: bool) {
+        let out = envelope::splice(body, span, meta.id.get().as_bytes());
+        let class = route::class_label(meta.route);
+        if let Some(sid) = &meta.session {
+            match meta.route {
+                Route::Create | Route::Resume if is_error => {
+                    self.unjoin(sid);
+                    if meta.route == Route::Create {
+                        // Only forget a route this very request installed.
+                        if let Some(p) = self.shared.sessions.get(sid) {
+                            if p.live_conns == 0 {
+                                self.shared.sessions.remove(sid, &self.shared.pool);
+                            }
+                        }
+                    }
+                }
+                Route::Create => info!(conn = self.id, session = %sid, backend = %_link.backend.name, "session created"),
+                Route::Delete if !is_error => {
+                    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                    if v.pointer("/result/success").and_then(Value::as_bool) == Some(true) {
+                        self.unjoin(sid);
+                        self.shared.sessions.remove(sid, &self.shared.pool);
+                        self.shared.refresh_gauges();
+                        info!(conn = self.id, session = %sid, "session deleted");
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.shared.metrics.request(class, if is_error { "error" } else { "ok" });
+        self.shared
+            .metrics
+            .request_duration
+            .get_or_create(&crate::metrics::ClassLabels { class })
+            .observe(meta.started.elapsed().as_secs_f64());
+        self.send_to_client(Bytes::from(out)).await;
+    }
+
+    /// Whether a backend notification may reach this client. The CLI broadcasts
+    /// `session.lifecycle` to every connection; only sessions this client created or resumed
+    /// pass, so no tenant ever sees another's session ids.
+    pub fn wants_notification(&self, method: &str, session: Option<&str>) -> bool {
+        let st = self.lock();
+        if method == "gitHubTelemetry.event" && !st.telemetry {
+            return false;
+        }
+        match session {
+            Some(s) => st.known.contains(s),
+            None => method != "gitHubTelemetry.event" && method != "session.lifecycle",
+        }
+    }
+
+    /// A request from the CLI to this client (hooks, sessionFs, user input, …): the id becomes
+    /// a proxy-allocated non-negative integer, mapped back when the client answers.
+    pub async fn backend_request(&self, link: &Arc<Link>, id: Box<RawValue>, span: (usize, usize), method: &str, body: &[u8]) {
+        let n = self.next_srv.fetch_add(1, Ordering::Relaxed);
+        self.lock().server_reqs.insert(n, (link.clone(), id));
+        debug!(conn = self.id, backend = %link.backend.name, method, "CLI request forwarded to client");
+        let out = envelope::splice(body, span, n.to_string().as_bytes());
+        self.send_to_client(Bytes::from(out)).await;
+    }
+
+    async fn list(self: &Arc<Self>, req: ClientReq) {
+        let all = self.shared.pool.all();
+        let targets: Vec<Arc<Backend>> = all.iter().filter(|b| b.state() != State::Down).cloned().collect();
+        if targets.is_empty() {
+            return self.no_backend(req).await;
+        }
+        // session.getLastId is answered from the merged list; its own params don't apply.
+        let (body, span) = if req.route == Route::LastId {
+            let b = rpc::request(0, "session.list", &json!({}));
+            let span = envelope::parse(&b).ok().and_then(|e| e.id_span).unwrap_or((0, 0));
+            (Bytes::from(b), span)
+        } else {
+            (req.body.clone(), req.id_span)
+        };
+        let mut calls = Vec::new();
+        for b in &targets {
+            let link = self.link(b);
+            let body = body.clone();
+            calls.push((b.name.clone(), tokio::spawn(async move {
+                tokio::time::timeout(FANOUT_TIMEOUT, link.call_as_proxy(&body, span)).await
+            })));
+        }
+        let mut merged: HashMap<String, Value> = HashMap::new();
+        let mut errors = Vec::new();
+        let mut ok = 0;
+        for (name, h) in calls {
+            let res = match h.await {
+                Ok(Ok(Ok(r))) => r,
+                Ok(Ok(Err(e))) => {
+                    errors.push(format!("{name}: {e}"));
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    errors.push(format!("{name}: timed out"));
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            let v: Value = serde_json::from_slice(&res).unwrap_or(Value::Null);
+            if let Some(err) = v.get("error") {
+                errors.push(format!("{name}: {}", err.get("message").and_then(Value::as_str).unwrap_or("error")));
+                continue;
+            }
+            ok += 1;
+            if let Some(list) = v.pointer("/result/sessions").and_then(Value::as_array) {
+                for s in list {
+                    let Some(id) = s.get("sessionId").and_then(Value::as_str) else { continue };
+                    if !self.visible(id) {
+                        continue;
+                    }
+                    let newer = match merged.get(id) {
+                        Some(old) => modified(s) > modified(old),
+                        None => true,
+                    };
+                    if newer {
+                        merged.insert(id.to_string(), s.clone());
+                    }
+                }
+            }
+        }
+        if ok == 0 {
+            let m = format!("{} failed on every backend: {}", req.method, errors.join("; "));
+            return self.fail(&req, rpc::BACKEND_UNAVAILABLE, &m, rpc::data(true, json!({}))).await;
+        }
+        if !errors.is_empty() {
+            warn!(conn = self.id, errors = ?errors, "{} answered from a subset of backends", req.method);
+        }
+        let mut sessions: Vec<Value> = merged.into_values().collect();
+        sessions.sort_by(|a, b| modified(b).cmp(&modified(a)));
+        self.shared.metrics.request(route::class_label(req.route), "ok");
+        if req.route == Route::LastId {
+            let last = sessions.first().and_then(|s| s.get("sessionId").cloned());
+            let result = match last {
+                Some(id) => json!({"sessionId": id}),
+                None => json!({}),
+            };
+            return self.reply_result(req.id.get(), &result).await;
+        }
+        self.reply_result(req.id.get(), &json!({"sessions": sessions})).await;
+    }
+
+    /// Whether this client's tenant may see a session.
+    fn visible(&self, sid: &str) -> bool {
+        let tenant = self.tenant();
+        match self.shared.sessions.owner(sid) {
+            Some(o) => o == tenant.name,
+            None => tenant.may_claim(sid),
+        }
+    }
+}
+
+fn modified(s: &Value) -> String {
+    s.get("modifiedTime")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Adds `"sessionId": sid` to a request's params without re-encoding anything else. Returns
+/// the new body and its id span.
+fn inject_session_id(body: &[u8], sid: &str) -> Option<(Vec<u8>, (usize, usize))> {
+    let field = format!("\"sessionId\":{}", serde_json::to_string(sid).ok()?);
+    let out = match envelope::params_object_start(body) {
+        Some(at) => {
+            let rest = &body[at..];
+            let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            let sep = if empty { "" } else { "," };
+            let mut out = Vec::with_capacity(body.len() + field.len() + 1);
+            out.extend_from_slice(&body[..at]);
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(sep.as_bytes());
+            out.extend_from_slice(rest);
+            out
+        }
+        None => {
+            if envelope::raw_params(body).is_some() {
+                return None;
+            }
+            let end = body.iter().rposition(|b| *b == b'}')?;
+            let mut out = Vec::with_capacity(body.len() + field.len() + 12);
+            out.extend_from_slice(&body[..end]);
+            out.extend_from_slice(format!(",\"params\":{{{field}}}").as_bytes());
+            out.extend_from_slice(&body[end..]);
+            out
+        }
+    };
+    let span = envelope::parse(&out).ok()?.id_span?;
+    Some((out, span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inject_into_params() {
+        let (b, span) = inject_session_id(br#"{"jsonrpc":"2.0","id":"q","method":"session.create","params":{"model":"m"}}"#, "s-1").unwrap();
+        let e = envelope::parse(&b).unwrap();
+        assert_eq!(e.session_id.as_deref(), Some("s-1"));
+        assert_eq!(&b[span.0..span.1], b"\"q\"");
+        let (b, _) = inject_session_id(br#"{"jsonrpc":"2.0","params":{ },"id":3,"method":"session.create"}"#, "s-2").unwrap();
+        assert_eq!(envelope::parse(&b).unwrap().session_id.as_deref(), Some("s-2"));
+        let (b, _) = inject_session_id(br#"{"jsonrpc":"2.0","id":3,"method":"session.create"}"#, "s-3").unwrap();
+        assert_eq!(envelope::parse(&b).unwrap().session_id.as_deref(), Some("s-3"));
+        assert!(inject_session_id(br#"{"jsonrpc":"2.0","id":3,"method":"session.create","params":[1]}"#, "x").is_none());
+    }
+}

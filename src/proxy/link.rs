@@ -1,0 +1,434 @@
+//! One upstream link: a client connection's own TCP connection to one backend, opened lazily.
+//!
+//! The CLI keys tools, handlers, event subscriptions and session cleanup on the connection, so
+//! links are never shared between clients. Every request the link writes gets a fresh integer
+//! id; the pending table maps it back to the client's exact original id.
+
+use super::client::ClientConn;
+use crate::backend::Backend;
+use crate::codec::FrameReader;
+use crate::envelope::{self, Kind};
+use crate::route::Route;
+use crate::{rpc, wire};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// A client request in flight (or queued) on a link.
+#[derive(Debug)]
+pub struct ClientReq {
+    /// Original body from the client.
+    pub body: Bytes,
+    /// The client's id, exactly as sent.
+    pub id: Box<RawValue>,
+    /// Where the id sits in `body`.
+    pub id_span: (usize, usize),
+    /// Method name.
+    pub method: String,
+    /// Session the request is about, if any.
+    pub session: Option<String>,
+    /// Route class.
+    pub route: Route,
+    /// When the proxy read it.
+    pub started: Instant,
+    /// For `session.create`: this request installed the route (undo it if the create fails).
+    pub fresh: bool,
+}
+
+/// What happens to a pending entry when its reply arrives.
+enum Pending {
+    Client(ClientReqMeta),
+    Internal(oneshot::Sender<Result<Bytes, String>>),
+}
+
+/// The parts of a client request kept while waiting for its reply.
+#[derive(Debug)]
+pub struct ClientReqMeta {
+    /// The client's id.
+    pub id: Box<RawValue>,
+    /// Method name.
+    pub method: String,
+    /// Session, if any.
+    pub session: Option<String>,
+    /// Route class.
+    pub route: Route,
+    /// When the proxy read it.
+    pub started: Instant,
+}
+
+enum LinkMsg {
+    /// A client request; the writer swaps in `pid` as the id.
+    Client { pid: u64, req: ClientReq },
+    /// A body ready to write (replies to CLI requests, proxy-originated requests).
+    Raw(Bytes),
+}
+
+struct Inner {
+    dead: Option<String>,
+    pending: HashMap<u64, Pending>,
+}
+
+/// A link to one backend on behalf of one client connection.
+pub struct Link {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    tx: mpsc::Sender<LinkMsg>,
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("backend", &self.backend.name).finish()
+    }
+}
+
+/// How a link ended, for passive health and for deciding what to tell the client.
+#[derive(Debug, Clone)]
+pub enum LinkEnd {
+    /// The client went away or the proxy closed the link on purpose.
+    Closed,
+    /// The backend was fenced (marked down).
+    Fenced,
+    /// Connecting or handshaking failed (nothing was sent).
+    ConnectFailed(String),
+    /// An established link broke.
+    Broken(String),
+}
+
+impl Link {
+    /// Starts a link task for `conn` to `backend`; requests may be queued at once.
+    pub fn spawn(conn: &Arc<ClientConn>, backend: Arc<Backend>) -> Arc<Link> {
+        let (tx, rx) = mpsc::channel(1024);
+        let link = Arc::new(Link {
+            backend: backend.clone(),
+            tx,
+            inner: Mutex::new(Inner {
+                dead: None,
+                pending: HashMap::new(),
+            }),
+            next_id: AtomicU64::new(1),
+            cancel: conn.cancel.child_token(),
+        });
+        let fence = backend.fence_token();
+        tokio::spawn(run(link.clone(), rx, conn.clone(), fence));
+        link
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the link has ended.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead.is_some()
+    }
+
+    /// Closes the link (client gone, or the proxy is done with it).
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Queues a client request. On a dead link the request is handed back untouched.
+    pub async fn send_client(&self, req: ClientReq) -> Result<(), ClientReq> {
+        let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut inner = self.lock();
+            if inner.dead.is_some() {
+                return Err(req);
+            }
+            inner.pending.insert(
+                pid,
+                Pending::Client(ClientReqMeta {
+                    id: req.id.clone(),
+                    method: req.method.clone(),
+                    session: req.session.clone(),
+                    route: req.route,
+                    started: req.started,
+                }),
+            );
+        }
+        match self.tx.send(LinkMsg::Client { pid, req }).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(LinkMsg::Client { req, .. })) => {
+                // If the link's shutdown already took the entry, it has answered the client.
+                if self.lock().pending.remove(&pid).is_some() {
+                    Err(req)
+                } else {
+                    Ok(())
+                }
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Sends a body as is (a reply to a request the CLI made).
+    pub async fn send_raw(&self, body: Bytes) -> bool {
+        self.tx.send(LinkMsg::Raw(body)).await.is_ok()
+    }
+
+    /// Sends a request the proxy originates and waits for the reply body.
+    pub async fn call(&self, method: &str, params: &Value) -> Result<Bytes, String> {
+        let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = rpc::request(pid, method, params);
+        self.call_body(pid, Bytes::from(body)).await
+    }
+
+    /// Sends a client body under a proxy id (fan-out), waiting for the reply body.
+    pub async fn call_as_proxy(&self, client_body: &[u8], id_span: (usize, usize)) -> Result<Bytes, String> {
+        let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = envelope::splice(client_body, id_span, pid.to_string().as_bytes());
+        self.call_body(pid, Bytes::from(body)).await
+    }
+
+    async fn call_body(&self, pid: u64, body: Bytes) -> Result<Bytes, String> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            if let Some(why) = &inner.dead {
+                return Err(why.clone());
+            }
+            inner.pending.insert(pid, Pending::Internal(tx));
+        }
+        if self.tx.send(LinkMsg::Raw(body)).await.is_err() {
+            self.lock().pending.remove(&pid);
+            return Err(format!("link to backend {} closed", self.backend.name));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(format!("link to backend {} closed", self.backend.name)))
+    }
+
+    /// Marks the link dead and settles everything it owed: queued requests that never reached
+    /// the backend are handed back for re-routing; requests already written get an error.
+    fn die(&self, why: &LinkEnd, unsent: Vec<(u64, ClientReq)>, conn: &Arc<ClientConn>) {
+        let reason = match why {
+            LinkEnd::Closed => "link closed".to_string(),
+            LinkEnd::Fenced => format!("backend {} was marked down", self.backend.name),
+            LinkEnd::ConnectFailed(e) => format!("cannot reach backend {}: {e}", self.backend.name),
+            LinkEnd::Broken(e) => format!("connection to backend {} lost: {e}", self.backend.name),
+        };
+        let pending = {
+            let mut inner = self.lock();
+            inner.dead = Some(reason.clone());
+            std::mem::take(&mut inner.pending)
+        };
+        let mut pending = pending;
+        let unsent: Vec<ClientReq> = unsent
+            .into_iter()
+            .filter_map(|(pid, req)| pending.remove(&pid).map(|_| req))
+            .collect();
+        let mut in_flight = Vec::new();
+        for (_, p) in pending {
+            match p {
+                Pending::Internal(tx) => {
+                    let _ = tx.send(Err(reason.clone()));
+                }
+                Pending::Client(meta) => in_flight.push(meta),
+            }
+        }
+        conn.link_died(self, why, &reason, unsent, in_flight);
+    }
+}
+
+async fn run(link: Arc<Link>, mut rx: mpsc::Receiver<LinkMsg>, conn: Arc<ClientConn>, fence: CancellationToken) {
+    let backend = link.backend.clone();
+    let shared = conn.shared.clone();
+    backend.links.fetch_add(1, Ordering::Relaxed);
+    let gauge = shared.metrics.backend_links.get_or_create(&crate::metrics::BackendLabels {
+        backend: backend.name.clone(),
+    }).clone();
+    gauge.inc();
+    let end = tokio::select! {
+        biased;
+        _ = link.cancel.cancelled() => LinkEnd::Closed,
+        _ = fence.cancelled() => LinkEnd::Fenced,
+        end = session(&link, &mut rx, &conn) => end,
+    };
+    gauge.dec();
+    backend.links.fetch_sub(1, Ordering::Relaxed);
+    rx.close();
+    let mut unsent = Vec::new();
+    while let Ok(msg) = rx.try_recv() {
+        if let LinkMsg::Client { pid, req } = msg {
+            unsent.push((pid, req));
+        }
+    }
+    match &end {
+        LinkEnd::ConnectFailed(e) | LinkEnd::Broken(e) => {
+            shared.health_passive_failure(&backend, e);
+        }
+        _ => {}
+    }
+    debug!(conn = conn.id, backend = %backend.name, end = ?end, "link closed");
+    link.die(&end, unsent, &conn);
+}
+
+/// Connects, handshakes, then pumps frames both ways until something ends it.
+async fn session(link: &Arc<Link>, rx: &mut mpsc::Receiver<LinkMsg>, conn: &Arc<ClientConn>) -> LinkEnd {
+    let shared = &conn.shared;
+    let cfg = shared.config();
+    let backend = &link.backend;
+    let stream = match tokio::time::timeout(cfg.limits.connect_timeout.0, TcpStream::connect(&backend.address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return LinkEnd::ConnectFailed(e.to_string()),
+        Err(_) => return LinkEnd::ConnectFailed(format!("connect timed out after {:?}", cfg.limits.connect_timeout.0)),
+    };
+    wire::tune(&stream);
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r, shared.limits());
+    let telemetry = conn.telemetry();
+    match tokio::time::timeout(
+        cfg.limits.handshake_timeout.0,
+        handshake(&mut reader, &mut w, backend, telemetry),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return LinkEnd::ConnectFailed(e),
+        Err(_) => return LinkEnd::ConnectFailed("backend did not answer connect in time".into()),
+    }
+    debug!(conn = conn.id, backend = %backend.name, "link up");
+    let metrics = &shared.metrics;
+    let link_w = link.clone();
+    let writer = wire::writer_with(w, rx, move |msg| {
+        let body = match msg {
+            LinkMsg::Raw(b) => b,
+            LinkMsg::Client { pid, req } => {
+                if !link_w.lock().pending.contains_key(&pid) {
+                    return None;
+                }
+                Bytes::from(envelope::splice(&req.body, req.id_span, pid.to_string().as_bytes()))
+            }
+        };
+        Some(body)
+    });
+    let read_loop = async {
+        loop {
+            match reader.read_frame().await {
+                Ok(Some(body)) => {
+                    metrics.frame("backend_in", body.len());
+                    on_backend_frame(link, conn, body).await;
+                }
+                Ok(None) => return LinkEnd::Broken("backend closed the connection".into()),
+                Err(e) if e.recoverable() => {
+                    metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "backend_oversize" }).inc();
+                    warn!(backend = %backend.name, error = %e, "dropping oversized frame from backend");
+                }
+                Err(e) => return LinkEnd::Broken(e.to_string()),
+            }
+        }
+    };
+    tokio::select! {
+        end = read_loop => end,
+        res = writer => match res {
+            Ok(()) => LinkEnd::Closed,
+            Err(e) => LinkEnd::Broken(e.to_string()),
+        },
+    }
+}
+
+/// The proxy's own `connect` on a fresh link, with the backend's token (never the client's).
+async fn handshake(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    backend: &Backend,
+    telemetry: bool,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut params = serde_json::Map::new();
+    if let Some(t) = backend.token() {
+        params.insert("token".into(), Value::String(t.to_string()));
+    }
+    if telemetry {
+        params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));
+    }
+    let body = rpc::request(0, "connect", &Value::Object(params));
+    w.write_all(&crate::codec::encode_frame(&body))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let frame = reader
+            .read_frame()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("backend closed the connection during connect")?;
+        let Ok(env) = envelope::parse(&frame) else { continue };
+        if env.kind != Kind::Response || env.id_u64() != Some(0) {
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&frame).map_err(|e| e.to_string())?;
+        if let Some(err) = v.get("error") {
+            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+            if code == rpc::METHOD_NOT_FOUND {
+                // A legacy CLI without `connect`: accepted, as the SDKs do.
+                return Ok(());
+            }
+            let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+            return Err(format!("backend refused the proxy's connect: {code} {msg}"));
+        }
+        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
+            *backend.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
+        }
+        return Ok(());
+    }
+}
+
+async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes) {
+    let env = match envelope::parse(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            // An unparseable frame, or an error with id null, cannot be routed; a Rust SDK
+            // client would drop its connection on a null id, so it is logged, never forwarded.
+            warn!(backend = %link.backend.name, error = %e, "unroutable frame from backend dropped");
+            return;
+        }
+    };
+    match env.kind {
+        Kind::Response => {
+            let Some(pid) = env.id_u64() else {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let err = v.get("error").map(|e| e.to_string()).unwrap_or_default();
+                warn!(backend = %link.backend.name, error = %err, "backend error without a routable id dropped");
+                return;
+            };
+            let pending = link.lock().pending.remove(&pid);
+            match pending {
+                Some(Pending::Client(meta)) => {
+                    let is_error = env.is_error;
+                    let span = env.id_span.unwrap_or((0, 0));
+                    drop(env);
+                    conn.backend_reply(link, meta, &body, span, is_error).await;
+                }
+                Some(Pending::Internal(tx)) => {
+                    let _ = tx.send(Ok(body.clone()));
+                }
+                None => {
+                    debug!(backend = %link.backend.name, pid, "reply for unknown id dropped");
+                }
+            }
+        }
+        Kind::Notification => {
+            let method = env.method.as_deref().unwrap_or("");
+            let session = env.session_id.as_deref();
+            if conn.wants_notification(method, session) {
+                conn.send_to_client(body.clone()).await;
+            }
+        }
+        Kind::Request => {
+            let Some(span) = env.id_span else { return };
+            let Some(id) = env.id.map(|r| r.to_owned()) else { return };
+            let method = env.method.as_deref().unwrap_or("").to_string();
+            drop(env);
+            conn.backend_request(link, id, span, &method, &body).await;
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The session-aware data path: accept, authenticate, decode, route, forward.
+
+pub mod client;
+pub mod link;
+
+use crate::affinity::SessionTable;
+use crate::auth::{Auth, Tenant};
+use crate::backend::{Backend, Pool, State};
+use crate::balance::{self, Candidate};
+use crate::codec::Limits;
+use crate::config::Config;
+use crate::metrics::{BackendLabels, Metrics};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Process-wide state shared by every connection.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    auth: RwLock<Arc<Auth>>,
+    /// The backends.
+    pub pool: Pool,
+    /// Session affinity.
+    pub sessions: SessionTable,
+    /// Metrics.
+    pub metrics: Metrics,
+    next_conn: AtomicU64,
+    /// Cancelled to stop accepting and close connections.
+    pub shutdown: CancellationToken,
+}
+
+/// Start-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A backend could not be built (unreadable token source).
+    #[error("{0}")]
+    Backend(String),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+impl Shared {
+    /// Builds the shared state from a validated config.
+    pub fn new(cfg: Config) -> Result<Arc<Shared>, StartError> {
+        let pool = Pool::new(&cfg).map_err(StartError::Backend)?;
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(cfg)),
+            auth: RwLock::new(Arc::new(Auth::open())),
+            pool,
+            sessions: SessionTable::default(),
+            metrics: Metrics::new(),
+            next_conn: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        });
+        shared.refresh_gauges();
+        Ok(shared)
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in a new config (already validated).
+    pub fn set_config(&self, cfg: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+    }
+
+    /// The authentication policy in force.
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps the authentication policy.
+    pub fn set_auth(&self, a: Auth) {
+        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
+    }
+
+    /// Codec limits from the config.
+    pub fn limits(&self) -> Limits {
+        let c = self.config();
+        Limits {
+            max_header: c.limits.max_header_bytes,
+            max_frame: c.limits.max_frame_bytes,
+        }
+    }
+
+    /// A fresh connection number.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The CLI version to report in the proxy's own `connect` reply.
+    pub fn backend_version(&self) -> String {
+        self.pool
+            .all()
+            .iter()
+            .find_map(|b| b.version.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_else(|| format!("copilot-lb/{}", env!("CARGO_PKG_VERSION")))
+    }
+
+    /// Chooses a backend for a new session (bounded-load HRW over the tenant's backends).
+    pub fn place(&self, sid: &str, tenant: &Tenant, exclude: &[String]) -> Option<Arc<Backend>> {
+        let all = self.pool.all();
+        let c = self.config().balancing.bounded_load;
+        let cands: Vec<Candidate> = all
+            .iter()
+            .map(|b| Candidate {
+                name: &b.name,
+                weight: b.weight,
+                eligible: b.state() == State::Up
+                    && tenant.allows_backend(&b.name)
+                    && !exclude.contains(&b.name),
+                live: b.live_sessions.load(Ordering::Relaxed),
+                max_sessions: b.max_sessions,
+            })
+            .collect();
+        balance::place(sid, &cands, c).ok().map(|i| all[i].clone())
+    }
+
+    /// Live sessions owned by a tenant.
+    pub fn live_sessions_of(&self, tenant: &str) -> u64 {
+        self.sessions
+            .snapshot()
+            .iter()
+            .filter(|(_, p)| p.owner == tenant && p.live_conns > 0)
+            .count() as u64
+    }
+
+    /// Pushes per-backend gauges (sessions, state) to the metrics.
+    pub fn refresh_gauges(&self) {
+        for b in self.pool.all().iter() {
+            let l = BackendLabels {
+                backend: b.name.clone(),
+            };
+            self.metrics
+                .sessions
+                .get_or_create(&l)
+                .set(b.live_sessions.load(Ordering::Relaxed) as i64);
+            self.metrics.backend_state.get_or_create(&l).set(b.state() as i64);
+        }
+    }
+
+    /// A failure seen on live traffic (refused, reset): counts toward `fall`.
+    pub fn health_passive_failure(&self, backend: &Arc<Backend>, error: &str) {
+        self.metrics
+            .passive_failures
+            .get_or_create(&BackendLabels {
+                backend: backend.name.clone(),
+            })
+            .inc();
+        crate::health::record(self, backend, false, &format!("passive: {error}"));
+    }
+}
+
+/// Binds every configured listener.
+pub async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, StartError> {
+    let mut out = Vec::new();
+    for l in &cfg.listeners {
+        let addr = l.listen.value.clone();
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Accepts client connections until shutdown; a semaphore caps concurrent connections.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let max = shared.config().limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(listen = %local, max_connections = max, "listening (jsonrpc)");
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    client::serve(shared, stream, peer.to_string(), None).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Logs a start-up warning when the proxy accepts anyone.
+pub fn warn_if_open(shared: &Shared) {
+    if !shared.auth().required() {
+        error!("No tenants are configured, so copilot-lb accepts connections from any client and all sessions belong to one open tenant. Configure tenants with token hashes (copilot-lb hash-token) to require authentication.");
+    }
+}

@@ -1,0 +1,191 @@
+//! Routing policy: which backend (or none) a client request goes to, decided from the method
+//! name and the session id alone. The table follows `copilot-protocol.md`, "Implications for a
+//! session-routing proxy".
+
+/// How the proxy treats a client request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Answered by the proxy (`connect`, `ping`).
+    Local,
+    /// `session.create`: placed by the balancer; the proxy injects a session id if missing.
+    Create,
+    /// `session.resume`: to the session's backend (found by probing if unknown).
+    Resume,
+    /// `session.delete`: to the session's backend; the route is dropped on success.
+    Delete,
+    /// `session.destroy` / `session.detach`: detaches this connection from the session.
+    Detach,
+    /// Any other request carrying `params.sessionId`.
+    Session,
+    /// `session.list` / `sessions.list`: fanned out, merged, filtered to the caller.
+    FanOutList,
+    /// `session.getLastId`: computed from the merged, filtered list.
+    LastId,
+    /// Read-only process state: any healthy backend (the client's own rendezvous order).
+    Global,
+    /// Refused with an explanation.
+    Denied(Denial),
+}
+
+/// Why the proxy refuses a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// `runtime.shutdown` would stop a shared backend.
+    Shutdown,
+    /// Process-exclusive registrations that a shared backend pool cannot honour.
+    Exclusive,
+    /// Changes process-wide CLI configuration shared by every tenant.
+    ProcessConfig,
+    /// Session-scoped method without a session id.
+    MissingSessionId,
+    /// Multi-session maintenance calls that could touch other tenants' sessions.
+    MultiSession,
+}
+
+impl Denial {
+    /// The human explanation sent to the client.
+    pub fn message(self, method: &str) -> String {
+        match self {
+            Denial::Shutdown => format!(
+                "{method} is not forwarded by copilot-lb: the CLI servers behind it are shared; stop them through their own supervisor"
+            ),
+            Denial::Exclusive => format!(
+                "{method} registers this client as the single process-wide provider of a CLI server, which a shared, load-balanced pool cannot offer (the CLI never releases it); connect to a dedicated CLI server for this feature"
+            ),
+            Denial::ProcessConfig => format!(
+                "{method} changes process-wide CLI configuration shared by every client of copilot-lb; configure the CLI servers directly"
+            ),
+            Denial::MissingSessionId => format!("{method} requires params.sessionId"),
+            Denial::MultiSession => format!(
+                "{method} acts on many sessions at once across shared CLI servers and is not available through copilot-lb; use per-session calls"
+            ),
+        }
+    }
+}
+
+/// Methods that act on process-wide configuration; refused.
+const PROCESS_CONFIG: &[&str] = &[
+    "account.login",
+    "account.logout",
+    "secrets.addFilterValues",
+    "mcp.config.add",
+    "mcp.config.update",
+    "mcp.config.remove",
+    "mcp.config.enable",
+    "mcp.config.disable",
+    "mcp.config.reload",
+    "extensions.enable",
+    "extensions.disable",
+    "plugins.install",
+    "plugins.uninstall",
+    "plugins.update",
+    "plugins.updateAll",
+    "plugins.enable",
+    "plugins.disable",
+    "plugins.marketplaces.add",
+    "plugins.marketplaces.remove",
+    "plugins.marketplaces.refresh",
+    "skills.config.setDisabledSkills",
+    "skills.config.setSkillDisabled",
+    "user.settings.set",
+    "user.settings.reload",
+    "sessions.setAdditionalPlugins",
+    "sessions.setRemoteControlSteering",
+    "agentRegistry.spawn",
+];
+
+/// Process-exclusive registrations (copilot-protocol.md §5.3).
+const EXCLUSIVE: &[&str] = &[
+    "sessionFs.setProvider",
+    "llmInference.setProvider",
+    "registerExtensionLaunchProvider",
+    "plugins.builtin.set",
+    "llmInference.httpResponseStart",
+    "llmInference.httpResponseChunk",
+];
+
+/// Calls over many sessions that would need per-tenant splitting.
+const MULTI_SESSION: &[&str] = &[
+    "sessions.checkInUse",
+    "sessions.bulkDelete",
+    "sessions.pruneOld",
+    "sessions.enrichMetadata",
+    "sessions.listNonEmptySessionIds",
+    "sessions.findByTaskId",
+    "sessions.findByPrefix",
+    "sessions.getLastForContext",
+    "sessions.getSizes",
+    "sessions.list",
+    "sessions.transferRemoteControl",
+    "sessions.stopRemoteControl",
+    "sessions.open",
+    "session.getForeground",
+];
+
+/// Decides the route for a client request.
+pub fn classify(method: &str, has_session_id: bool) -> Route {
+    match method {
+        "connect" | "ping" => Route::Local,
+        "runtime.shutdown" => Route::Denied(Denial::Shutdown),
+        "session.create" => Route::Create,
+        "session.resume" => require(has_session_id, Route::Resume, method),
+        "session.delete" | "sessions.delete" => require(has_session_id, Route::Delete, method),
+        "session.destroy" | "session.detach" => require(has_session_id, Route::Detach, method),
+        "session.list" => Route::FanOutList,
+        "session.getLastId" => Route::LastId,
+        m if EXCLUSIVE.contains(&m) => Route::Denied(Denial::Exclusive),
+        m if PROCESS_CONFIG.contains(&m) => Route::Denied(Denial::ProcessConfig),
+        m if MULTI_SESSION.contains(&m) => Route::Denied(Denial::MultiSession),
+        _ if has_session_id => Route::Session,
+        m if m.starts_with("session.") && m != "session.getForeground" => {
+            Route::Denied(Denial::MissingSessionId)
+        }
+        _ => Route::Global,
+    }
+}
+
+fn require(has: bool, r: Route, _m: &str) -> Route {
+    if has {
+        r
+    } else {
+        Route::Denied(Denial::MissingSessionId)
+    }
+}
+
+/// A low-cardinality label for metrics.
+pub fn class_label(r: Route) -> &'static str {
+    match r {
+        Route::Local => "local",
+        Route::Create => "create",
+        Route::Resume => "resume",
+        Route::Delete => "delete",
+        Route::Detach => "detach",
+        Route::Session => "session",
+        Route::FanOutList => "list",
+        Route::LastId => "list",
+        Route::Global => "global",
+        Route::Denied(_) => "denied",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        assert_eq!(classify("connect", false), Route::Local);
+        assert_eq!(classify("session.send", true), Route::Session);
+        assert_eq!(classify("session.send", false), Route::Denied(Denial::MissingSessionId));
+        assert_eq!(classify("session.create", false), Route::Create);
+        assert_eq!(classify("session.list", false), Route::FanOutList);
+        assert_eq!(classify("status.get", false), Route::Global);
+        assert_eq!(classify("models.list", false), Route::Global);
+        assert_eq!(classify("some.future.method", false), Route::Global);
+        assert_eq!(classify("sessions.getMetadata", true), Route::Session);
+        assert_eq!(classify("runtime.shutdown", false), Route::Denied(Denial::Shutdown));
+        assert_eq!(classify("sessionFs.setProvider", false), Route::Denied(Denial::Exclusive));
+        assert_eq!(classify("mcp.config.add", false), Route::Denied(Denial::ProcessConfig));
+        assert_eq!(classify("session.detach", true), Route::Detach);
+    }
+}
