@@ -52,19 +52,84 @@ fn json_resp(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> 
     text(status, format!("{v:#}\n"), "application/json")
 }
 
+fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
+    let live = b.live_sessions.load(Ordering::Relaxed);
+    let history: Vec<_> = b
+        .history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .rev()
+        .map(|c| {
+            let at =
+                c.at.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+            json!({"at_ms": at, "ok": c.ok, "detail": c.detail})
+        })
+        .collect();
+    json!({
+        "name": b.name,
+        "address": b.address,
+        "state": b.state().as_str(),
+        "healthy": b.healthy(),
+        "draining": b.draining(),
+        "drained": b.draining() && live == 0,
+        "weight": b.weight,
+        "max_sessions": b.max_sessions,
+        "live_sessions": live,
+        "links": b.links.load(Ordering::Relaxed),
+        "version": b.version.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        "consecutive_failures": b.fails.load(Ordering::Relaxed),
+        "consecutive_successes": b.oks.load(Ordering::Relaxed),
+        "health_history": history,
+    })
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<usize> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        if k == key {
+            v.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        (&Method::GET, "/readyz") => {
-            let up = shared.pool.all().iter().filter(|b| b.state() == crate::backend::State::Up).count();
-            if up > 0 && !shared.shutdown.is_cancelled() {
-                text(StatusCode::OK, format!("ready: {up} backend(s) up\n"), "text/plain")
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segs.as_slice()) {
+        (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        (&Method::GET, ["readyz"]) => {
+            let up = shared
+                .pool
+                .all()
+                .iter()
+                .filter(|b| b.state() == crate::backend::State::Up)
+                .count();
+            if shared.stop_accepting.is_cancelled() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n".into(),
+                    "text/plain",
+                )
+            } else if up > 0 {
+                text(
+                    StatusCode::OK,
+                    format!("ready: {up} backend(s) up\n"),
+                    "text/plain",
+                )
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no backend up\n".into(), "text/plain")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no backend up\n".into(),
+                    "text/plain",
+                )
             }
         }
-        (&Method::GET, "/metrics") => {
+        (&Method::GET, ["metrics"]) => {
             shared.refresh_gauges();
             text(
                 StatusCode::OK,
@@ -72,24 +137,73 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
         }
-        (&Method::GET, "/api/backends") => {
-            let list: Vec<_> = shared
-                .pool
-                .all()
-                .iter()
-                .map(|b| {
+        (&Method::GET, ["api", "backends"]) => {
+            let list: Vec<_> = shared.pool.all().iter().map(|b| backend_json(b)).collect();
+            json_resp(StatusCode::OK, json!({ "backends": list }))
+        }
+        (&Method::POST, ["api", "backends", name, action @ ("drain" | "undrain")]) => {
+            match shared.pool.get(name) {
+                Some(b) => {
+                    b.set_draining(*action == "drain");
+                    info!(backend = %b.name, action = *action, "admin: backend {action}ed");
+                    shared.refresh_gauges();
+                    json_resp(StatusCode::OK, backend_json(&b))
+                }
+                None => json_resp(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no backend named {name}")}),
+                ),
+            }
+        }
+        (&Method::GET, ["api", "sessions"]) => {
+            let offset = query(&req, "offset").unwrap_or(0);
+            let limit = query(&req, "limit").unwrap_or(100).min(10_000);
+            let all = shared.sessions.snapshot();
+            let total = all.len();
+            let now = std::time::SystemTime::now();
+            let page: Vec<_> = all
+                .into_iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(id, p)| {
                     json!({
-                        "name": b.name,
-                        "address": b.address,
-                        "state": b.state().as_str(),
-                        "weight": b.weight,
-                        "live_sessions": b.live_sessions.load(Ordering::Relaxed),
-                        "links": b.links.load(Ordering::Relaxed),
+                        "session_id": id,
+                        "backend": p.backend,
+                        "owner": p.owner,
+                        "age_s": now.duration_since(p.created).map(|d| d.as_secs()).unwrap_or(0),
+                        "idle_s": p.last_seen.elapsed().as_secs(),
+                        "live_connections": p.live_conns,
+                        "failovers": p.moves,
                     })
                 })
                 .collect();
-            json_resp(StatusCode::OK, json!({ "backends": list }))
+            json_resp(
+                StatusCode::OK,
+                json!({"total": total, "offset": offset, "limit": limit, "sessions": page}),
+            )
         }
-        _ => json_resp(StatusCode::NOT_FOUND, json!({"error": format!("no route for {} {path}", req.method())})),
+        (&Method::POST, ["api", "reload"]) => match shared.reload() {
+            Ok(r) => {
+                info!(added = ?r.added, removed = ?r.removed, "configuration reloaded (admin API)");
+                json_resp(
+                    StatusCode::OK,
+                    json!({"reloaded": true, "added": r.added, "removed": r.removed}),
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "configuration reload refused (admin API)");
+                json_resp(
+                    StatusCode::BAD_REQUEST,
+                    json!({"reloaded": false, "error": e}),
+                )
+            }
+        },
+        _ => json_resp(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no route for {} {path}", req.method()),
+                   "routes": ["GET /livez", "GET /readyz", "GET /metrics", "GET /api/backends",
+                              "POST /api/backends/{name}/drain", "POST /api/backends/{name}/undrain",
+                              "GET /api/sessions?offset=&limit=", "POST /api/reload"]}),
+        ),
     }
 }

@@ -1,16 +1,22 @@
 //! Process wiring for `copilot-lb serve`: logging, listeners, health, admin, signals.
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, Overrides};
 use crate::proxy::{self, Shared, StartError};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
+use tracing::{error, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the tracing subscriber (RUST_LOG wins over the config's level).
 pub fn init_logging(cfg: &Config) {
     let level = cfg.log.level.clone().unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
@@ -43,7 +49,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     let shared = Shared::new(cfg)?;
     proxy::warn_if_open(&shared);
-    let listen_addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let listen_addrs = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     for l in listeners {
         tokio::spawn(proxy::serve(shared.clone(), l));
     }
@@ -66,33 +75,59 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     })
 }
 
-/// Runs until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> Result<(), StartError> {
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` (the config file and flags).
+pub async fn run(cfg: Config, source: Option<(PathBuf, Overrides)>) -> Result<(), StartError> {
     let running = start(cfg).await?;
-    wait_for_signal().await;
-    info!("shutting down");
-    running.shared.shutdown.cancel();
+    let shared = running.shared.clone();
+    if let Some((p, o)) = source {
+        shared.set_reload_source(p, o);
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match shared.reload() {
+                Ok(r) => info!(added = ?r.added, removed = ?r.removed, "configuration reloaded"),
+                Err(e) => error!(error = %e, "configuration reload refused; the previous configuration keeps serving"),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    graceful_shutdown(&shared).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+/// Stops accepting, closes idle connections first, lets in-flight requests finish, and cuts
+/// whatever is left at one absolute deadline.
+pub async fn graceful_shutdown(shared: &Arc<Shared>) {
+    let deadline = Instant::now() + shared.config().limits.shutdown_timeout.0;
+    shared.stop_accepting.cancel();
+    info!(open = shared.conns.len(), timeout = ?shared.config().limits.shutdown_timeout.0, "draining: no new connections");
+    loop {
+        let conns = shared.live_conns();
+        if conns.is_empty() {
+            break;
         }
+        for c in &conns {
+            if c.in_flight() == 0 {
+                c.shut();
+            }
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                open = conns.len(),
+                "shutdown deadline reached; closing remaining connections"
+            );
+            for c in &conns {
+                c.shut();
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    shared.shutdown.cancel();
+    // Give connection tasks a moment to log their closing lines.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    info!("shut down");
 }

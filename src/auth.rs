@@ -84,10 +84,17 @@ impl Auth {
     }
 
     /// Checks a client's `connect` token with the CLI's error codes.
-    pub fn authenticate(&self, token: Option<&str>, _identity: Option<&str>) -> Result<Arc<Tenant>, (i64, &'static str)> {
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+        _identity: Option<&str>,
+    ) -> Result<Arc<Tenant>, (i64, &'static str)> {
         if self.tenants.is_empty() {
             return match token {
-                Some(_) => Err((crate::rpc::AUTHENTICATION_NOT_CONFIGURED, "AUTHENTICATION_NOT_CONFIGURED")),
+                Some(_) => Err((
+                    crate::rpc::AUTHENTICATION_NOT_CONFIGURED,
+                    "AUTHENTICATION_NOT_CONFIGURED",
+                )),
                 None => Ok(self.open.clone()),
             };
         }
@@ -96,7 +103,10 @@ impl Auth {
         };
         let h = hash_token(token);
         for (hashes, t) in &self.tenants {
-            if hashes.iter().any(|x| constant_eq(x.as_bytes(), h.as_bytes())) {
+            if hashes
+                .iter()
+                .any(|x| constant_eq(x.as_bytes(), h.as_bytes()))
+            {
                 return Ok(t.clone());
             }
         }

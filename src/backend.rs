@@ -3,9 +3,9 @@
 use crate::config::{BackendConfig, Config};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 use tokio::sync::Notify;
-use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 /// A backend's routing state.
@@ -68,6 +68,12 @@ pub struct Backend {
     pub probe_now: Notify,
     /// Recent check results, newest last.
     pub history: Mutex<VecDeque<Check>>,
+    /// Signalled on every health transition (requests waiting for a verdict listen).
+    pub state_changed: Notify,
+    /// Whether "drained, no live sessions" was already logged.
+    pub drained_logged: std::sync::atomic::AtomicBool,
+    /// The drain flag of the config file last applied.
+    config_drain: std::sync::atomic::AtomicBool,
 }
 
 /// One health observation.
@@ -84,6 +90,7 @@ pub struct Check {
 impl Backend {
     /// Builds a backend from config; fails if its token source is unreadable.
     pub fn from_config(b: &BackendConfig) -> Result<Backend, String> {
+        let cfg_drain = b.drain;
         Ok(Backend {
             name: b.name().to_string(),
             address: b.address.value.clone(),
@@ -100,6 +107,13 @@ impl Backend {
             fails: AtomicU32::new(0),
             probe_now: Notify::new(),
             history: Mutex::new(VecDeque::new()),
+            state_changed: Notify::new(),
+            drained_logged: std::sync::atomic::AtomicBool::new(false),
+            config_drain: std::sync::atomic::AtomicBool::new(b.drain),
+        })
+        .map(|b| {
+            b.set_draining(cfg_drain);
+            b
         })
     }
 
@@ -129,12 +143,16 @@ impl Backend {
         if !up && old != new {
             self.fence();
         }
+        if old != new {
+            self.state_changed.notify_waiters();
+        }
         old != State::Down as u8
     }
 
     /// Marks or clears draining.
     pub fn set_draining(&self, on: bool) {
         self.drained.store(on, Ordering::Release);
+        self.drained_logged.store(false, Ordering::Release);
     }
 
     /// Whether it is marked draining.
@@ -144,7 +162,10 @@ impl Backend {
 
     /// A token cancelled when this backend is fenced; every upstream link watches one.
     pub fn fence_token(&self) -> CancellationToken {
-        self.fence.lock().unwrap_or_else(|e| e.into_inner()).child_token()
+        self.fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .child_token()
     }
 
     /// Closes every link the proxy holds to this backend: the CLI closes a session when its
@@ -192,11 +213,22 @@ impl Pool {
         let mut next = Vec::new();
         let mut added = Vec::new();
         for b in &cfg.backends {
-            let keep = old
-                .iter()
-                .find(|o| o.name == b.name() && o.address == b.address.value && o.weight == b.weight && o.max_sessions == b.max_sessions && o.token.as_deref() == Config::backend_token(b).ok().flatten().as_deref());
+            let keep = old.iter().find(|o| {
+                o.name == b.name()
+                    && o.address == b.address.value
+                    && o.weight == b.weight
+                    && o.max_sessions == b.max_sessions
+                    && o.token.as_deref() == Config::backend_token(b).ok().flatten().as_deref()
+            });
             match keep {
-                Some(o) => next.push(o.clone()),
+                Some(o) => {
+                    // The file's drain flag applies when it changes, so a reload does not undo
+                    // a drain an operator started through the admin API.
+                    if o.config_drain.swap(b.drain, Ordering::AcqRel) != b.drain {
+                        o.set_draining(b.drain);
+                    }
+                    next.push(o.clone())
+                }
                 None => {
                     let nb = Backend::from_config(b)?;
                     if let Some(o) = old.iter().find(|o| o.name == b.name()) {
@@ -215,7 +247,11 @@ impl Pool {
         let removed: Vec<String> = old
             .iter()
             .filter(|o| !cfg.backends.iter().any(|b| b.name() == o.name))
-            .map(|o| o.name.clone())
+            .map(|o| {
+                // Its links close, so the CLI releases its sessions before they move.
+                o.fence();
+                o.name.clone()
+            })
             .collect();
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         Ok((added, removed))

@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn known_vector_is_stable() {
         // Pinned so a change of hash (which would split replicas) fails loudly.
-        assert_eq!(pair_hash("cli-1", "session-1"), pair_hash("cli-1", "session-1"));
+        assert_eq!(
+            pair_hash("cli-1", "session-1"),
+            pair_hash("cli-1", "session-1")
+        );
         let r = rank("session-1", [("a", 1.0), ("b", 1.0), ("c", 1.0)]);
         assert_eq!(r.len(), 3);
         let again = rank("session-1", [("a", 1.0), ("b", 1.0), ("c", 1.0)]);
@@ -169,14 +172,38 @@ mod tests {
     #[test]
     fn max_sessions_and_eligibility_respected() {
         let cands = [
-            Candidate { name: "a", weight: 1.0, eligible: false, live: 0, max_sessions: None },
-            Candidate { name: "b", weight: 1.0, eligible: true, live: 2, max_sessions: Some(2) },
-            Candidate { name: "c", weight: 1.0, eligible: true, live: 50, max_sessions: None },
+            Candidate {
+                name: "a",
+                weight: 1.0,
+                eligible: false,
+                live: 0,
+                max_sessions: None,
+            },
+            Candidate {
+                name: "b",
+                weight: 1.0,
+                eligible: true,
+                live: 2,
+                max_sessions: Some(2),
+            },
+            Candidate {
+                name: "c",
+                weight: 1.0,
+                eligible: true,
+                live: 50,
+                max_sessions: None,
+            },
         ];
         for i in 0..50 {
             assert_eq!(place(&format!("k{i}"), &cands, 1.25), Ok(2));
         }
-        let none = [Candidate { name: "a", weight: 1.0, eligible: false, live: 0, max_sessions: None }];
+        let none = [Candidate {
+            name: "a",
+            weight: 1.0,
+            eligible: false,
+            live: 0,
+            max_sessions: None,
+        }];
         assert_eq!(place("k", &none, 1.25), Err(PlaceError::NoneAvailable));
     }
 

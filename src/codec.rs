@@ -324,7 +324,9 @@ mod tests {
     use super::*;
 
     fn frames(input: &[u8], limits: Limits) -> Vec<Result<Bytes, String>> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut r = FrameReader::new(input, limits);
             let mut out = Vec::new();
@@ -384,7 +386,10 @@ mod tests {
             max_frame: 100,
         };
         let got = frames(&[b'x'; 64], limits);
-        assert!(got[0].as_ref().unwrap_err().contains("header block exceeds"));
+        assert!(got[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("header block exceeds"));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where `copilot-lb serve` looks for a config when given none, in order.
-pub const DEFAULT_CONFIG_PATHS: &[&str] = &["config/copilot-lb.yaml", "/etc/copilot-lb/copilot-lb.yaml"];
+pub const DEFAULT_CONFIG_PATHS: &[&str] =
+    &["config/copilot-lb.yaml", "/etc/copilot-lb/copilot-lb.yaml"];
 
 /// Configuration errors, each pointing at the file and, where known, the line.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +73,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ))
+        }
     };
     Ok(d)
 }
@@ -99,9 +104,55 @@ pub struct Config {
     /// Active health checking.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Session storage and failover policy.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// What happens to a session whose backend is lost.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverPolicy {
+    /// Resume the session on the next backend of its ranking (needs shared session storage).
+    Reassign,
+    /// Answer with an error naming the session; the client must recreate it.
+    Fail,
+}
+
+/// Session storage and failover.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Whether every backend sees the same session state (a shared COPILOT_HOME/session-state).
+    #[serde(default)]
+    pub shared_storage: bool,
+    /// Failover policy; defaults to `reassign` with shared storage and `fail` without.
+    #[serde(default)]
+    pub failover: Option<FailoverPolicy>,
+    /// How long a request waits for a suspect backend's health verdict before failing.
+    #[serde(default)]
+    pub detect_timeout: Option<Millis>,
+}
+
+impl SessionsConfig {
+    /// The policy in force.
+    pub fn policy(&self) -> FailoverPolicy {
+        self.failover.unwrap_or(if self.shared_storage {
+            FailoverPolicy::Reassign
+        } else {
+            FailoverPolicy::Fail
+        })
+    }
+
+    /// Wait bound for a health verdict (default 5 s).
+    pub fn detect_timeout(&self) -> Duration {
+        self.detect_timeout
+            .map(|m| m.0)
+            .unwrap_or(Duration::from_secs(5))
+    }
 }
 
 /// How a listener treats its connections.
@@ -156,6 +207,9 @@ pub struct BackendConfig {
     /// File holding this CLI's connection token (trailing whitespace ignored).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Start drained: keep existing sessions, place no new ones.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 fn one() -> f64 {
@@ -212,6 +266,13 @@ pub struct LimitsConfig {
     /// Time a backend has to answer the proxy's own `connect`.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: Millis,
+    /// On SIGTERM, the absolute deadline for in-flight requests before connections are cut.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Millis,
+}
+
+fn default_shutdown_timeout() -> Millis {
+    Millis(Duration::from_secs(30))
 }
 
 fn default_max_frame() -> usize {
@@ -238,6 +299,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             connect_timeout: default_connect_timeout(),
             handshake_timeout: default_handshake_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }
@@ -366,6 +428,7 @@ impl Config {
                     max_sessions: None,
                     token_env: None,
                     token_file: None,
+                    drain: false,
                 })
                 .collect();
         }
@@ -415,7 +478,11 @@ impl Config {
                 ));
             }
             if !(b.weight.is_finite() && b.weight > 0.0) {
-                problems.push(format!("{}: backend {:?}: weight must be > 0", at(&b.address), b.name()));
+                problems.push(format!(
+                    "{}: backend {:?}: weight must be > 0",
+                    at(&b.address),
+                    b.name()
+                ));
             }
             if b.token_env.is_some() && b.token_file.is_some() {
                 problems.push(format!(
@@ -425,7 +492,11 @@ impl Config {
                 ));
             }
             if b.max_sessions == Some(0) {
-                problems.push(format!("{}: backend {:?}: max_sessions must be >= 1", at(&b.address), b.name()));
+                problems.push(format!(
+                    "{}: backend {:?}: max_sessions must be >= 1",
+                    at(&b.address),
+                    b.name()
+                ));
             }
         }
         if !(self.balancing.bounded_load.is_finite() && self.balancing.bounded_load >= 1.0) {
@@ -442,6 +513,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections must be at least 1".into());
+        }
+        if self.sessions.policy() == FailoverPolicy::Reassign && !self.sessions.shared_storage {
+            problems.push("sessions.failover: reassign needs sessions.shared_storage: true (a session cannot be resumed on a backend that cannot read its state)".into());
         }
         if self.health.rise == 0 || self.health.fall == 0 {
             problems.push("health.rise and health.fall must be at least 1".into());
@@ -464,15 +538,29 @@ impl Config {
         if let Some(var) = &b.token_env {
             return match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(format!("backend {:?}: environment variable {var} is empty", b.name())),
-                Err(_) => Err(format!("backend {:?}: environment variable {var} is not set", b.name())),
+                Ok(_) => Err(format!(
+                    "backend {:?}: environment variable {var} is empty",
+                    b.name()
+                )),
+                Err(_) => Err(format!(
+                    "backend {:?}: environment variable {var} is not set",
+                    b.name()
+                )),
             };
         }
         if let Some(path) = &b.token_file {
             return match std::fs::read_to_string(path) {
                 Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(format!("backend {:?}: token file {} is empty", b.name(), path.display())),
-                Err(e) => Err(format!("backend {:?}: cannot read token file {}: {e}", b.name(), path.display())),
+                Ok(_) => Err(format!(
+                    "backend {:?}: token file {} is empty",
+                    b.name(),
+                    path.display()
+                )),
+                Err(e) => Err(format!(
+                    "backend {:?}: cannot read token file {}: {e}",
+                    b.name(),
+                    path.display()
+                )),
             };
         }
         Ok(None)
@@ -568,6 +656,10 @@ mod tests {
             backends: vec!["nope".into()],
             ..Default::default()
         };
-        assert!(Config::default().apply(&bad, "flags").unwrap_err().to_string().contains("command line"));
+        assert!(Config::default()
+            .apply(&bad, "flags")
+            .unwrap_err()
+            .to_string()
+            .contains("command line"));
     }
 }

@@ -219,8 +219,16 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     })?;
     match raw.jsonrpc.as_deref() {
         Some("2.0") => {}
-        Some(v) => return Err(EnvelopeError::Invalid(format!("unsupported jsonrpc version {v:?}"))),
-        None => return Err(EnvelopeError::Invalid("missing \"jsonrpc\": \"2.0\"".into())),
+        Some(v) => {
+            return Err(EnvelopeError::Invalid(format!(
+                "unsupported jsonrpc version {v:?}"
+            )))
+        }
+        None => {
+            return Err(EnvelopeError::Invalid(
+                "missing \"jsonrpc\": \"2.0\"".into(),
+            ))
+        }
     }
     if let Some(id) = raw.id {
         validate_id(id.get())?;
@@ -382,7 +390,10 @@ mod tests {
 
     #[test]
     fn notification() {
-        let e = parse(br#"{"jsonrpc":"2.0","method":"session.event","params":{"sessionId":"s","event":{}}}"#).unwrap();
+        let e = parse(
+            br#"{"jsonrpc":"2.0","method":"session.event","params":{"sessionId":"s","event":{}}}"#,
+        )
+        .unwrap();
         assert_eq!(e.kind, Kind::Notification);
         assert_eq!(e.session_id.as_deref(), Some("s"));
     }
@@ -390,12 +401,18 @@ mod tests {
     #[test]
     fn rejects_what_the_cli_rejects() {
         for (body, code) in [
-            (&br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#[..], -32600),
+            (
+                &br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#[..],
+                -32600,
+            ),
             (br#"{"id":1,"method":"ping"}"#, -32600),
             (br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, -32600),
             (br#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#, -32600),
             (br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, -32600),
-            (br#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"ping"}"#, -32600),
+            (
+                br#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"ping"}"#,
+                -32600,
+            ),
             (br#"{"jsonrpc":"2.0","id":1,"method":"ping""#, -32700),
             (b"garbage", -32700),
             (b"", -32700),
@@ -407,13 +424,16 @@ mod tests {
 
     #[test]
     fn escaped_session_id_is_unescaped() {
-        let e = parse(br#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"sessionId":"a\u0041"}}"#).unwrap();
+        let e = parse(br#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"sessionId":"a\u0041"}}"#)
+            .unwrap();
         assert_eq!(e.session_id.as_deref(), Some("aA"));
     }
 
     #[test]
     fn nested_session_id_is_ignored() {
-        let e = parse(br#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"x":{"sessionId":"no"}}}"#).unwrap();
+        let e =
+            parse(br#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"x":{"sessionId":"no"}}}"#)
+                .unwrap();
         assert_eq!(e.session_id, None);
     }
 
@@ -432,8 +452,14 @@ mod tests {
 
     #[test]
     fn sniff_ids() {
-        assert_eq!(sniff_id(br#"{"jsonrpc":"2.0","id":"ab\"c","method""#).as_deref(), Some(r#""ab\"c""#));
-        assert_eq!(sniff_id(br#"{"jsonrpc":"2.0","id": 12,"#).as_deref(), Some("12"));
+        assert_eq!(
+            sniff_id(br#"{"jsonrpc":"2.0","id":"ab\"c","method""#).as_deref(),
+            Some(r#""ab\"c""#)
+        );
+        assert_eq!(
+            sniff_id(br#"{"jsonrpc":"2.0","id": 12,"#).as_deref(),
+            Some("12")
+        );
         assert_eq!(sniff_id(br#"{"jsonrpc":"2.0","method":"x"#), None);
     }
 

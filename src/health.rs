@@ -87,7 +87,11 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
             None => json!({}),
         };
         let mut out = encode_frame(&rpc::request(1, "connect", &params));
-        out.extend(encode_frame(&rpc::request(2, "ping", &json!({"message": "copilot-lb health"}))));
+        out.extend(encode_frame(&rpc::request(
+            2,
+            "ping",
+            &json!({"message": "copilot-lb health"}),
+        )));
         w.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
         let (mut connected, mut pinged) = (false, false);
         loop {
@@ -96,7 +100,9 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
                 .await
                 .map_err(|e| format!("read: {e}"))?
                 .ok_or("closed by backend")?;
-            let Ok(env) = envelope::parse(&f) else { continue };
+            let Ok(env) = envelope::parse(&f) else {
+                continue;
+            };
             if env.kind != Kind::Response {
                 continue;
             }
@@ -105,7 +111,10 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
             if let Some(err) = v.get("error") {
                 let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
                 if !(id == Some(1) && code == rpc::METHOD_NOT_FOUND) {
-                    return Err(format!("{} failed: {err}", if id == Some(1) { "connect" } else { "ping" }));
+                    return Err(format!(
+                        "{} failed: {err}",
+                        if id == Some(1) { "connect" } else { "ping" }
+                    ));
                 }
             }
             // Without a token the CLI serves both requests concurrently, so replies may swap.
@@ -113,7 +122,8 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
                 Some(1) => {
                     connected = true;
                     if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
-                        *b.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
+                        *b.version.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(ver.to_string());
                     }
                 }
                 Some(2) => pinged = true,
@@ -135,11 +145,22 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
     loop {
         let cfg = shared.config();
         let res = probe(&b, cfg.health.timeout.0).await;
-        let l = BackendLabels { backend: b.name.clone() };
+        let l = BackendLabels {
+            backend: b.name.clone(),
+        };
         match res {
             Ok(d) => {
-                shared.metrics.probe_duration.get_or_create(&l).observe(d.as_secs_f64());
-                record(&shared, &b, true, &format!("ok in {:.1} ms", d.as_secs_f64() * 1000.0));
+                shared
+                    .metrics
+                    .probe_duration
+                    .get_or_create(&l)
+                    .observe(d.as_secs_f64());
+                record(
+                    &shared,
+                    &b,
+                    true,
+                    &format!("ok in {:.1} ms", d.as_secs_f64() * 1000.0),
+                );
             }
             Err(e) => {
                 shared.metrics.probe_failures.get_or_create(&l).inc();

@@ -7,7 +7,11 @@ use copilot_lb::config::{self, Config, Overrides};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "copilot-lb", version, about = "Session-aware load balancer for GitHub Copilot CLI servers")]
+#[command(
+    name = "copilot-lb",
+    version,
+    about = "Session-aware load balancer for GitHub Copilot CLI servers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -57,24 +61,47 @@ fn load(path: &Path) -> Result<Config> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { config: path, listen, backends, admin } => {
-            let o = Overrides { listen, backends, admin };
+        Cmd::Serve {
+            config: path,
+            listen,
+            backends,
+            admin,
+        } => {
+            let o = Overrides {
+                listen,
+                backends,
+                admin,
+            };
             let flags_only = o.listen.is_some() || !o.backends.is_empty();
-            let (cfg, origin) = match path {
-                Some(p) => (load(&p)?, p.display().to_string()),
-                None if flags_only => (Config::default(), "command line".to_string()),
+            let file = match path {
+                Some(p) => Some(p),
+                None if flags_only => None,
                 None => match config::default_path() {
-                    Some(p) => (load(&p)?, p.display().to_string()),
+                    Some(p) => Some(p),
                     None => bail!("no config given and none found at {:?}; use --config FILE or --listen/--backend", config::DEFAULT_CONFIG_PATHS),
                 },
             };
+            let (cfg, origin) = match &file {
+                Some(p) => (load(p)?, p.display().to_string()),
+                None => (Config::default(), "command line".to_string()),
+            };
             let mut cfg = cfg.apply(&o, &origin)?;
             if cfg.listeners.is_empty() {
-                cfg = cfg.apply(&Overrides { listen: Some("127.0.0.1:4321".into()), ..Default::default() }, &origin)?;
+                cfg = cfg.apply(
+                    &Overrides {
+                        listen: Some("127.0.0.1:4321".into()),
+                        ..Default::default()
+                    },
+                    &origin,
+                )?;
             }
             copilot_lb::app::init_logging(&cfg);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(copilot_lb::app::run(cfg)).context("copilot-lb failed")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let source = file.map(|f| (f, o.clone()));
+            rt.block_on(copilot_lb::app::run(cfg, source))
+                .context("copilot-lb failed")?;
             Ok(())
         }
         Cmd::CheckConfig { file } => {
@@ -96,13 +123,24 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Route { config: path, session_id } => {
+        Cmd::Route {
+            config: path,
+            session_id,
+        } => {
             let cfg = load(&path)?;
-            let order = copilot_lb::balance::rank(&session_id, cfg.backends.iter().map(|b| (b.name(), b.weight)));
+            let order = copilot_lb::balance::rank(
+                &session_id,
+                cfg.backends.iter().map(|b| (b.name(), b.weight)),
+            );
             for (n, i) in order.iter().enumerate() {
                 let b = &cfg.backends[*i];
                 let score = copilot_lb::balance::score(b.name(), b.weight, &session_id);
-                println!("{}. {} ({}) score={score:.6}", n + 1, b.name(), b.address.value);
+                println!(
+                    "{}. {} ({}) score={score:.6}",
+                    n + 1,
+                    b.name(),
+                    b.address.value
+                );
             }
             Ok(())
         }

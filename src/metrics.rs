@@ -125,28 +125,90 @@ impl Metrics {
             passive_failures: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connections", "Client connections accepted", m.connections_total.clone());
-        registry.register("connections_active", "Client connections open now", m.connections_active.clone());
-        registry.register("requests", "Client requests by route class and result", m.requests.clone());
-        registry.register("request_duration_seconds", "Client request latency through the proxy", m.request_duration.clone());
-        registry.register("frame_bytes", "Frame body bytes by direction", m.frame_bytes.clone());
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "requests",
+            "Client requests by route class and result",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Client request latency through the proxy",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "frame_bytes",
+            "Frame body bytes by direction",
+            m.frame_bytes.clone(),
+        );
         registry.register("frames", "Frames by direction", m.frames.clone());
-        registry.register("bad_frames", "Frames refused, by reason", m.bad_frames.clone());
-        registry.register("backend_sessions", "Live sessions per backend", m.sessions.clone());
-        registry.register("backend_state", "Backend state (0 up, 1 draining, 2 down)", m.backend_state.clone());
-        registry.register("backend_transitions", "Backend state transitions", m.backend_transitions.clone());
-        registry.register("backend_links", "Upstream links open per backend", m.backend_links.clone());
-        registry.register("failovers", "Sessions moved to another backend by failover, by old backend", m.failovers.clone());
-        registry.register("failover_failures", "Sessions that could not fail over, by old backend", m.failover_failures.clone());
-        registry.register("health_probe_duration_seconds", "Active health probe latency", m.probe_duration.clone());
-        registry.register("health_probe_failures", "Active health probe failures", m.probe_failures.clone());
-        registry.register("passive_failures", "Failures seen on live traffic (refused, reset, timeout)", m.passive_failures.clone());
+        registry.register(
+            "bad_frames",
+            "Frames refused, by reason",
+            m.bad_frames.clone(),
+        );
+        registry.register(
+            "backend_sessions",
+            "Live sessions per backend",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "backend_state",
+            "Backend state (0 up, 1 draining, 2 down)",
+            m.backend_state.clone(),
+        );
+        registry.register(
+            "backend_transitions",
+            "Backend state transitions",
+            m.backend_transitions.clone(),
+        );
+        registry.register(
+            "backend_links",
+            "Upstream links open per backend",
+            m.backend_links.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Sessions moved to another backend by failover, by old backend",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "failover_failures",
+            "Sessions that could not fail over, by old backend",
+            m.failover_failures.clone(),
+        );
+        registry.register(
+            "health_probe_duration_seconds",
+            "Active health probe latency",
+            m.probe_duration.clone(),
+        );
+        registry.register(
+            "health_probe_failures",
+            "Active health probe failures",
+            m.probe_failures.clone(),
+        );
+        registry.register(
+            "passive_failures",
+            "Failures seen on live traffic (refused, reset, timeout)",
+            m.passive_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Counts one request outcome.
     pub fn request(&self, class: &'static str, result: &'static str) {
-        self.requests.get_or_create(&ReqLabels { class, result }).inc();
+        self.requests
+            .get_or_create(&ReqLabels { class, result })
+            .inc();
     }
 
     /// Counts one frame.

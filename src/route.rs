@@ -176,16 +176,28 @@ mod tests {
     fn table() {
         assert_eq!(classify("connect", false), Route::Local);
         assert_eq!(classify("session.send", true), Route::Session);
-        assert_eq!(classify("session.send", false), Route::Denied(Denial::MissingSessionId));
+        assert_eq!(
+            classify("session.send", false),
+            Route::Denied(Denial::MissingSessionId)
+        );
         assert_eq!(classify("session.create", false), Route::Create);
         assert_eq!(classify("session.list", false), Route::FanOutList);
         assert_eq!(classify("status.get", false), Route::Global);
         assert_eq!(classify("models.list", false), Route::Global);
         assert_eq!(classify("some.future.method", false), Route::Global);
         assert_eq!(classify("sessions.getMetadata", true), Route::Session);
-        assert_eq!(classify("runtime.shutdown", false), Route::Denied(Denial::Shutdown));
-        assert_eq!(classify("sessionFs.setProvider", false), Route::Denied(Denial::Exclusive));
-        assert_eq!(classify("mcp.config.add", false), Route::Denied(Denial::ProcessConfig));
+        assert_eq!(
+            classify("runtime.shutdown", false),
+            Route::Denied(Denial::Shutdown)
+        );
+        assert_eq!(
+            classify("sessionFs.setProvider", false),
+            Route::Denied(Denial::Exclusive)
+        );
+        assert_eq!(
+            classify("mcp.config.add", false),
+            Route::Denied(Denial::ProcessConfig)
+        );
         assert_eq!(classify("session.detach", true), Route::Detach);
     }
 }

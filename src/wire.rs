@@ -30,13 +30,20 @@ pub fn quickack(stream: &tokio::net::tcp::OwnedReadHalf) {
 pub fn quickack(_stream: &tokio::net::tcp::OwnedReadHalf) {}
 
 /// Writes framed bodies from `rx` until the channel closes or a write fails.
-pub async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<()> {
+pub async fn writer<W: AsyncWrite + Unpin>(
+    w: W,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> std::io::Result<()> {
     writer_with(w, &mut rx, Some).await
 }
 
 /// Like [`writer`], but turns each queued item into a body with `prepare` just before it is
 /// written (`None` skips it). Links use this to assign upstream ids at send time.
-pub async fn writer_with<W, T, F>(mut w: W, rx: &mut mpsc::Receiver<T>, mut prepare: F) -> std::io::Result<()>
+pub async fn writer_with<W, T, F>(
+    mut w: W,
+    rx: &mut mpsc::Receiver<T>,
+    mut prepare: F,
+) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
     F: FnMut(T) -> Option<Bytes>,
@@ -88,7 +95,9 @@ async fn write_big<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> std::io::Re
     write_header(&mut head, body.len());
     let (mut h, mut b) = (&head[..], body);
     while !h.is_empty() {
-        let n = w.write_vectored(&[IoSlice::new(h), IoSlice::new(b)]).await?;
+        let n = w
+            .write_vectored(&[IoSlice::new(h), IoSlice::new(b)])
+            .await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -43,6 +43,15 @@ struct ConnState {
     known: HashSet<String>,
     server_reqs: HashMap<u64, (Arc<Link>, Box<RawValue>)>,
     requests: u64,
+    /// Sessions whose failover is in progress on this connection; their requests queue here.
+    holds: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// Why a session cannot be served, as a JSON-RPC error.
+struct Refusal {
+    code: i64,
+    message: String,
+    retryable: bool,
 }
 
 /// A connected SDK client.
@@ -76,6 +85,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identit
         next_srv: AtomicU64::new(1),
     });
     let _ = identity;
+    shared.conns.insert(id, Arc::downgrade(&conn));
     shared.metrics.connections_total.inc();
     shared.metrics.connections_active.inc();
     let started = Instant::now();
@@ -94,17 +104,36 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identit
             }
             Ok(None) => break,
             Err(CodecError::FrameTooLarge { len, limit, head }) => {
-                shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" }).inc();
+                shared
+                    .metrics
+                    .bad_frames
+                    .get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" })
+                    .inc();
                 let id = envelope::sniff_id(&head).unwrap_or_else(|| "null".into());
                 warn!(conn = id_str(&conn), len, limit, "oversized frame refused");
                 let msg = format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes); it was discarded");
-                conn.reply_error(&id, rpc::FRAME_TOO_LARGE, &msg, Some(rpc::data(false, json!({"limit": limit, "length": len}))))
-                    .await;
+                conn.reply_error(
+                    &id,
+                    rpc::FRAME_TOO_LARGE,
+                    &msg,
+                    Some(rpc::data(false, json!({"limit": limit, "length": len}))),
+                )
+                .await;
             }
-            Err(e @ (CodecError::MissingContentLength | CodecError::InvalidContentLength(_) | CodecError::MalformedHeader(_) | CodecError::HeaderTooLarge { .. })) => {
-                shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "framing" }).inc();
+            Err(
+                e @ (CodecError::MissingContentLength
+                | CodecError::InvalidContentLength(_)
+                | CodecError::MalformedHeader(_)
+                | CodecError::HeaderTooLarge { .. }),
+            ) => {
+                shared
+                    .metrics
+                    .bad_frames
+                    .get_or_create(&crate::metrics::ReasonLabels { reason: "framing" })
+                    .inc();
                 warn!(conn = id, error = %e, "framing error; closing connection");
-                conn.reply_error("null", rpc::PARSE_ERROR, &e.to_string(), None).await;
+                conn.reply_error("null", rpc::PARSE_ERROR, &e.to_string(), None)
+                    .await;
                 break;
             }
             Err(e) => {
@@ -114,6 +143,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identit
         }
     }
     let summary = conn.close();
+    shared.conns.remove(&id);
     drop(conn);
     let _ = writer.await;
     shared.metrics.connections_active.dec();
@@ -148,19 +178,39 @@ impl ClientConn {
     }
 
     async fn reply_error(&self, id: &str, code: i64, message: &str, data: Option<Value>) {
-        self.send_to_client(Bytes::from(rpc::error(id, code, message, data))).await;
+        self.send_to_client(Bytes::from(rpc::error(id, code, message, data)))
+            .await;
     }
 
     async fn reply_result(&self, id: &str, result: &Value) {
-        self.send_to_client(Bytes::from(rpc::result(id, result))).await;
+        self.send_to_client(Bytes::from(rpc::result(id, result)))
+            .await;
     }
 
     async fn fail(&self, req: &ClientReq, code: i64, message: &str, data: Value) {
-        let retryable = data.get("retryable").and_then(Value::as_bool).unwrap_or(false);
-        self.shared.metrics.request(route::class_label(req.route), "proxy_error");
+        let retryable = data
+            .get("retryable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        self.shared
+            .metrics
+            .request(route::class_label(req.route), "proxy_error");
         debug!(conn = self.id, method = %req.method, code, message, "request answered with a proxy error");
         let _ = retryable;
-        self.reply_error(req.id.get(), code, message, Some(data)).await;
+        self.reply_error(req.id.get(), code, message, Some(data))
+            .await;
+    }
+
+    /// Client requests this connection is waiting on (graceful shutdown waits for zero).
+    pub fn in_flight(&self) -> usize {
+        let links: Vec<_> = self.lock().links.values().cloned().collect();
+        let holds = self.lock().holds.len();
+        links.iter().map(|l| l.pending_client()).sum::<usize>() + holds
+    }
+
+    /// Closes the connection (graceful shutdown of an idle client).
+    pub fn shut(&self) {
+        self.cancel.cancel();
     }
 
     /// Closes every link and releases this connection's sessions. Returns (requests, sessions).
@@ -187,7 +237,11 @@ impl ClientConn {
         let env = match envelope::parse(&body) {
             Ok(e) => e,
             Err(e) => {
-                self.shared.metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "invalid" }).inc();
+                self.shared
+                    .metrics
+                    .bad_frames
+                    .get_or_create(&crate::metrics::ReasonLabels { reason: "invalid" })
+                    .inc();
                 let id = envelope::sniff_id(&body).unwrap_or_else(|| "null".into());
                 self.reply_error(&id, e.code(), &e.to_string(), None).await;
                 return;
@@ -195,7 +249,9 @@ impl ClientConn {
         };
         match env.kind {
             Kind::Request => {
-                let Some(id) = env.id.map(|r| r.to_owned()) else { return };
+                let Some(id) = env.id.map(|r| r.to_owned()) else {
+                    return;
+                };
                 let id_span = env.id_span.unwrap_or((0, 0));
                 let method = env.method.as_deref().unwrap_or("").to_string();
                 let session = env.session_id.as_deref().map(str::to_string);
@@ -211,11 +267,13 @@ impl ClientConn {
                     route,
                     started: Instant::now(),
                     fresh: false,
+                    attempts: 0,
                 };
                 self.lock().requests += 1;
                 if !params_ok && req.route != Route::Local {
                     let m = format!("{}: params must be an object", req.method);
-                    self.fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({}))).await;
+                    self.fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({})))
+                        .await;
                     return;
                 }
                 self.on_request(req).await;
@@ -229,15 +287,25 @@ impl ClientConn {
                     Some((link, orig)) => {
                         let fixed = envelope::splice(&body, span, orig.get().as_bytes());
                         if !link.send_raw(Bytes::from(fixed)).await {
-                            debug!(conn = self.id, "reply to a CLI request arrived after its link closed");
+                            debug!(
+                                conn = self.id,
+                                "reply to a CLI request arrived after its link closed"
+                            );
                         }
                     }
-                    None => warn!(conn = self.id, "client sent a response to an unknown request id; dropped"),
+                    None => warn!(
+                        conn = self.id,
+                        "client sent a response to an unknown request id; dropped"
+                    ),
                 }
             }
             Kind::Notification => {
                 // Only .NET sends one ($/cancelRequest), and the CLI ignores it.
-                debug!(conn = self.id, method = env.method.as_deref().unwrap_or(""), "client notification dropped");
+                debug!(
+                    conn = self.id,
+                    method = env.method.as_deref().unwrap_or(""),
+                    "client notification dropped"
+                );
             }
         }
     }
@@ -248,8 +316,17 @@ impl ClientConn {
             return self.on_connect(req).await;
         }
         if auth.required() && !self.lock().authenticated {
-            self.shared.metrics.request(route::class_label(req.route), "proxy_error");
-            return self.reply_error(req.id.get(), rpc::AUTHENTICATION_REQUIRED, "AUTHENTICATION_REQUIRED", None).await;
+            self.shared
+                .metrics
+                .request(route::class_label(req.route), "proxy_error");
+            return self
+                .reply_error(
+                    req.id.get(),
+                    rpc::AUTHENTICATION_REQUIRED,
+                    "AUTHENTICATION_REQUIRED",
+                    None,
+                )
+                .await;
         }
         self.dispatch(req).await;
     }
@@ -302,7 +379,13 @@ impl ClientConn {
             }
             Route::Denied(d) => {
                 let m = d.message(&req.method);
-                self.fail(&req, rpc::METHOD_NOT_FOUND, &m, rpc::data(false, json!({"method": req.method}))).await;
+                self.fail(
+                    &req,
+                    rpc::METHOD_NOT_FOUND,
+                    &m,
+                    rpc::data(false, json!({"method": req.method})),
+                )
+                .await;
             }
             Route::Create => self.create(req, Vec::new()).await,
             Route::Resume => self.resume(req).await,
@@ -335,9 +418,17 @@ impl ClientConn {
     fn pick_any(&self, key: &str) -> Option<Arc<Backend>> {
         let all = self.shared.pool.all();
         let order = balance::rank(key, all.iter().map(|b| (b.name.as_str(), b.weight)));
-        let up = order.iter().map(|i| &all[*i]).find(|b| b.state() == State::Up);
-        up.or_else(|| order.iter().map(|i| &all[*i]).find(|b| b.state() != State::Down))
-            .cloned()
+        let up = order
+            .iter()
+            .map(|i| &all[*i])
+            .find(|b| b.state() == State::Up);
+        up.or_else(|| {
+            order
+                .iter()
+                .map(|i| &all[*i])
+                .find(|b| b.state() != State::Down)
+        })
+        .cloned()
     }
 
     /// The backend a session lives on, or its home if the proxy has never seen it.
@@ -357,13 +448,21 @@ impl ClientConn {
         };
         if !ok {
             let m = format!("session {sid} does not exist or belongs to another tenant");
-            self.fail(req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+            self.fail(
+                req,
+                rpc::SESSION_FORBIDDEN,
+                &m,
+                rpc::data(false, json!({"sessionId": sid})),
+            )
+            .await;
         }
         ok
     }
 
     async fn session_call(self: &Arc<Self>, req: ClientReq) {
-        let Some(sid) = req.session.clone() else { return };
+        let Some(sid) = req.session.clone() else {
+            return;
+        };
         if !self.check_owner(&req, &sid).await {
             return;
         }
@@ -375,10 +474,249 @@ impl ClientConn {
             }
         }
         self.shared.sessions.touch(&sid);
-        match self.locate(&sid) {
-            Some(b) => self.forward(b, req).await,
-            None => self.no_backend(req).await,
+        self.to_session_backend(req).await;
+    }
+
+    /// Sends a session-scoped request to the session's backend, failing the session over first
+    /// when that backend is down (or the session moved while this connection had it open).
+    async fn to_session_backend(self: &Arc<Self>, req: ClientReq) {
+        let Some(sid) = req.session.clone() else {
+            return;
+        };
+        let gate = self.lock().holds.get(&sid).cloned();
+        if let Some(gate) = gate {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _g = gate.lock().await;
+                me.start_failover(req, None).await;
+            });
+            return;
         }
+        match self.locate(&sid) {
+            Some(b) if b.state() != State::Down && !self.must_rejoin(&sid, &b) => {
+                self.forward(b, req).await
+            }
+            _ => self.start_failover(req, None).await,
+        }
+    }
+
+    /// Whether this connection joined `sid` on a backend other than where it now lives.
+    fn must_rejoin(&self, sid: &str, b: &Backend) -> bool {
+        self.lock()
+            .joined
+            .get(sid)
+            .is_some_and(|j| j.backend != b.name)
+    }
+
+    /// Runs `ensure_session` for the request's session in a task, with the session's requests
+    /// on this connection held until it finishes.
+    async fn start_failover(self: &Arc<Self>, mut req: ClientReq, suspect: Option<String>) {
+        let Some(sid) = req.session.clone() else {
+            return;
+        };
+        req.attempts += 1;
+        if req.attempts > 3 {
+            let m = format!("session {sid}: its backend kept failing; the request was not processed and may be retried");
+            return self
+                .fail(
+                    &req,
+                    rpc::BACKEND_UNAVAILABLE,
+                    &m,
+                    rpc::data(true, json!({"sessionId": sid})),
+                )
+                .await;
+        }
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let Ok(guard) = gate.clone().try_lock_owned() else {
+            return;
+        };
+        let gate = {
+            let mut st = self.lock();
+            match st.holds.get(&sid) {
+                Some(existing) => Some(existing.clone()),
+                None => {
+                    st.holds.insert(sid.clone(), gate.clone());
+                    None
+                }
+            }
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let guard = match gate {
+                // Another failover of this session is running here: queue behind it.
+                Some(g) => {
+                    drop(guard);
+                    let _g = g.lock().await;
+                    None
+                }
+                None => Some(guard),
+            };
+            let result = me.ensure_session(&sid, suspect.as_deref()).await;
+            match result {
+                Ok(b) => me.forward(b, req).await,
+                Err(r) => {
+                    let data = rpc::data(r.retryable, json!({"sessionId": sid}));
+                    me.fail(&req, r.code, &r.message, data).await;
+                }
+            }
+            if guard.is_some() {
+                let mut st = me.lock();
+                if st
+                    .holds
+                    .get(&sid)
+                    .is_some_and(|g| Arc::ptr_eq(g, &gate_of(&guard)))
+                {
+                    st.holds.remove(&sid);
+                }
+            }
+            drop(guard);
+        });
+    }
+
+    /// Makes sure `sid` is live on a healthy backend that this connection has joined it on,
+    /// applying the failover policy. `suspect` names a backend whose link just failed while
+    /// health still calls it up: the verdict is awaited (bounded) before anything moves.
+    async fn ensure_session(
+        self: &Arc<Self>,
+        sid: &str,
+        suspect: Option<&str>,
+    ) -> Result<Arc<Backend>, Refusal> {
+        let cfg = self.shared.config();
+        let deadline = Instant::now() + cfg.sessions.detect_timeout();
+        loop {
+            let placed = self.shared.sessions.get(sid);
+            let current = match &placed {
+                Some(p) => self.shared.pool.get(&p.backend),
+                None => self.pick_any(sid),
+            };
+            if let Some(b) = &current {
+                if b.state() != State::Down {
+                    let in_doubt =
+                        suspect == Some(b.name.as_str()) && b.fails.load(Ordering::Relaxed) > 0;
+                    if in_doubt && Instant::now() < deadline {
+                        // One failed connection is not a verdict; wait for the health checker.
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            b.state_changed.notified(),
+                        )
+                        .await;
+                        continue;
+                    }
+                    let params = self.lock().joined.get(sid).cloned();
+                    if let Some(j) = params.filter(|j| j.backend != b.name) {
+                        self.rejoin(sid, b, j.params.as_deref()).await.map_err(|e| Refusal {
+                            code: rpc::SESSION_LOST,
+                            message: format!("session {sid} moved to backend {} but could not be resumed there: {e}; it must be recreated", b.name),
+                            retryable: false,
+                        })?;
+                    }
+                    return Ok(b.clone());
+                }
+            }
+            let Some(p) = placed else {
+                return Err(Refusal {
+                    code: rpc::BACKEND_UNAVAILABLE,
+                    message: "no Copilot CLI backend is available (all are down or draining)"
+                        .into(),
+                    retryable: true,
+                });
+            };
+            let old = p.backend.clone();
+            if cfg.sessions.policy() == crate::config::FailoverPolicy::Fail {
+                self.shared
+                    .metrics
+                    .failover_failures
+                    .get_or_create(&crate::metrics::BackendLabels {
+                        backend: old.clone(),
+                    })
+                    .inc();
+                return Err(Refusal {
+                    code: rpc::SESSION_LOST,
+                    message: format!("session {sid} lived on backend {old}, which is down; backends do not share session storage (failover policy 'fail'), so the session must be recreated"),
+                    retryable: false,
+                });
+            }
+            let tenant = self.tenant();
+            let all = self.shared.pool.all();
+            let order = balance::rank(sid, all.iter().map(|b| (b.name.as_str(), b.weight)));
+            let target = order.iter().map(|i| all[*i].clone()).find(|b| {
+                b.name != old && b.state() == State::Up && tenant.allows_backend(&b.name)
+            });
+            let Some(target) = target else {
+                return Err(Refusal {
+                    code: rpc::BACKEND_UNAVAILABLE,
+                    message: format!(
+                        "session {sid}: its backend {old} is down and no other backend is up"
+                    ),
+                    retryable: true,
+                });
+            };
+            let params = self.lock().joined.get(sid).cloned();
+            if let Some(j) = params {
+                // The old backend is down, so its links are fenced and the CLI releases the
+                // session before another process resumes it: never live on two backends.
+                if let Err(e) = self.rejoin(sid, &target, j.params.as_deref()).await {
+                    self.shared
+                        .metrics
+                        .failover_failures
+                        .get_or_create(&crate::metrics::BackendLabels {
+                            backend: old.clone(),
+                        })
+                        .inc();
+                    warn!(conn = self.id, session = %sid, from = %old, to = %target.name, error = %e, "failover resume failed");
+                    return Err(Refusal {
+                        code: rpc::SESSION_LOST,
+                        message: format!("session {sid} lived on backend {old}, which is down, and could not be resumed on {}: {e}; it must be recreated", target.name),
+                        retryable: false,
+                    });
+                }
+            }
+            let now_on = self
+                .shared
+                .sessions
+                .reassign(sid, &old, &target.name, &self.shared.pool);
+            if now_on.as_deref() == Some(target.name.as_str()) {
+                self.shared
+                    .metrics
+                    .failovers
+                    .get_or_create(&crate::metrics::BackendLabels {
+                        backend: old.clone(),
+                    })
+                    .inc();
+                info!(conn = self.id, session = %sid, from = %old, to = %target.name, "session failed over");
+                self.shared.refresh_gauges();
+                return Ok(target);
+            }
+            // Someone else moved it meanwhile; follow it.
+        }
+    }
+
+    /// Resumes `sid` on `b` for this connection with the parameters it last used.
+    async fn rejoin(
+        self: &Arc<Self>,
+        sid: &str,
+        b: &Arc<Backend>,
+        params: Option<&str>,
+    ) -> Result<(), String> {
+        let mut p: serde_json::Map<String, Value> = params
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default();
+        p.insert("sessionId".into(), Value::String(sid.to_string()));
+        let link = self.link(b);
+        let reply = link.call("session.resume", &Value::Object(p)).await?;
+        let v: Value = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
+        if let Some(err) = v.get("error") {
+            return Err(err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("resume failed")
+                .to_string());
+        }
+        let mut st = self.lock();
+        if let Some(j) = st.joined.get_mut(sid) {
+            j.backend = b.name.clone();
+        }
+        Ok(())
     }
 
     async fn create(self: &Arc<Self>, mut req: ClientReq, exclude: Vec<String>) {
@@ -396,26 +734,49 @@ impl ClientConn {
                     }
                     None => {
                         let m = "session.create: params must be an object".to_string();
-                        return self.fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({}))).await;
+                        return self
+                            .fail(&req, rpc::INVALID_PARAMS, &m, rpc::data(false, json!({})))
+                            .await;
                     }
                 }
             }
         };
         if let Err(why) = tenant.may_create(&sid) {
-            return self.fail(&req, rpc::SESSION_ID_NOT_ALLOWED, &why, rpc::data(false, json!({"sessionId": sid}))).await;
+            return self
+                .fail(
+                    &req,
+                    rpc::SESSION_ID_NOT_ALLOWED,
+                    &why,
+                    rpc::data(false, json!({"sessionId": sid})),
+                )
+                .await;
         }
         if let Some(limit) = tenant.max_sessions {
             let live = self.shared.live_sessions_of(&tenant.name);
             if live >= limit && self.shared.sessions.get(&sid).is_none() {
-                let m = format!("tenant {} already holds its maximum of {limit} live sessions", tenant.name);
-                return self.fail(&req, rpc::SESSION_LIMIT, &m, rpc::data(true, json!({"limit": limit}))).await;
+                let m = format!(
+                    "tenant {} already holds its maximum of {limit} live sessions",
+                    tenant.name
+                );
+                return self
+                    .fail(
+                        &req,
+                        rpc::SESSION_LIMIT,
+                        &m,
+                        rpc::data(true, json!({"limit": limit})),
+                    )
+                    .await;
             }
         }
         let backend = match self.shared.place(&sid, &tenant, &exclude) {
             Some(b) => b,
             None => return self.no_backend(req).await,
         };
-        let backend = match self.shared.sessions.claim(&sid, &tenant.name, &backend.name) {
+        let backend = match self
+            .shared
+            .sessions
+            .claim(&sid, &tenant.name, &backend.name)
+        {
             crate::affinity::Claim::New => {
                 req.fresh = true;
                 backend
@@ -426,12 +787,23 @@ impl ClientConn {
             },
             crate::affinity::Claim::Foreign => {
                 let m = format!("session {sid} belongs to another tenant");
-                return self.fail(&req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+                return self
+                    .fail(
+                        &req,
+                        rpc::SESSION_FORBIDDEN,
+                        &m,
+                        rpc::data(false, json!({"sessionId": sid})),
+                    )
+                    .await;
             }
         };
         // Installed before forwarding: the CLI may call back (sessionFs, hooks) or announce the
         // session (lifecycle) before it replies.
-        self.join(&sid, &backend.name, envelope::raw_params(&req.body).map(str::to_string));
+        self.join(
+            &sid,
+            &backend.name,
+            envelope::raw_params(&req.body).map(str::to_string),
+        );
         self.forward(backend, req).await;
     }
 
@@ -440,7 +812,13 @@ impl ClientConn {
             let mut st = self.lock();
             st.known.insert(sid.to_string());
             st.joined
-                .insert(sid.to_string(), Joined { backend: backend.to_string(), params })
+                .insert(
+                    sid.to_string(),
+                    Joined {
+                        backend: backend.to_string(),
+                        params,
+                    },
+                )
                 .is_none()
         };
         if first {
@@ -457,16 +835,28 @@ impl ClientConn {
     }
 
     async fn resume(self: &Arc<Self>, req: ClientReq) {
-        let Some(sid) = req.session.clone() else { return };
+        let Some(sid) = req.session.clone() else {
+            return;
+        };
         if !self.check_owner(&req, &sid).await {
             return;
         }
         if let Some(p) = self.shared.sessions.get(&sid) {
-            let Some(b) = self.shared.pool.get(&p.backend) else {
-                return self.no_backend(req).await;
-            };
-            self.join(&sid, &b.name, envelope::raw_params(&req.body).map(str::to_string));
-            return self.forward(b, req).await;
+            // Recorded as joined where it lives now, so a failover in between is not replayed
+            // on top of this very resume.
+            let here = self
+                .shared
+                .pool
+                .get(&p.backend)
+                .filter(|b| b.state() != State::Down)
+                .map(|b| b.name.clone())
+                .unwrap_or(p.backend);
+            self.join(
+                &sid,
+                &here,
+                envelope::raw_params(&req.body).map(str::to_string),
+            );
+            return self.to_session_backend(req).await;
         }
         // Unknown to this proxy (restarted, or created elsewhere): ask backends in the
         // session's rendezvous order until one has it.
@@ -507,11 +897,22 @@ impl ClientConn {
             match self.shared.sessions.claim(&sid, &tenant.name, &b.name) {
                 crate::affinity::Claim::Foreign => {
                     let m = format!("session {sid} belongs to another tenant");
-                    return self.fail(&req, rpc::SESSION_FORBIDDEN, &m, rpc::data(false, json!({"sessionId": sid}))).await;
+                    return self
+                        .fail(
+                            &req,
+                            rpc::SESSION_FORBIDDEN,
+                            &m,
+                            rpc::data(false, json!({"sessionId": sid})),
+                        )
+                        .await;
                 }
                 _ => {}
             }
-            self.join(&sid, &b.name, envelope::raw_params(&req.body).map(str::to_string));
+            self.join(
+                &sid,
+                &b.name,
+                envelope::raw_params(&req.body).map(str::to_string),
+            );
             self.deliver(&req, &reply, true).await;
             return;
         }
@@ -529,7 +930,10 @@ impl ClientConn {
         };
         let Some(span) = span else { return };
         let out = envelope::splice(reply, span, req.id.get().as_bytes());
-        self.shared.metrics.request(route::class_label(req.route), if ok { "ok" } else { "error" });
+        self.shared.metrics.request(
+            route::class_label(req.route),
+            if ok { "ok" } else { "error" },
+        );
         self.send_to_client(Bytes::from(out)).await;
     }
 
@@ -546,18 +950,26 @@ impl ClientConn {
         l
     }
 
-    async fn forward(self: &Arc<Self>, backend: Arc<Backend>, req: ClientReq) {
-        if backend.state() == State::Down {
-            return self.backend_down(req, &backend).await;
-        }
-        let link = self.link(&backend);
-        if let Err(req) = link.send_client(req).await {
-            // The link died between lookup and send; one fresh attempt.
+    /// Sends a request over this client's link to `backend`. Boxed (and `Send`) because
+    /// failover can route back here from a spawned task.
+    fn forward(
+        self: &Arc<Self>,
+        backend: Arc<Backend>,
+        req: ClientReq,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if backend.state() == State::Down {
+                return self.backend_down(req, &backend).await;
+            }
             let link = self.link(&backend);
             if let Err(req) = link.send_client(req).await {
-                self.backend_down(req, &backend).await;
+                // The link died between lookup and send; one fresh attempt.
+                let link = self.link(&backend);
+                if let Err(req) = link.send_client(req).await {
+                    self.backend_down(req, &backend).await;
+                }
             }
-        }
+        })
     }
 
     async fn backend_down(self: &Arc<Self>, req: ClientReq, backend: &Backend) {
@@ -573,12 +985,49 @@ impl ClientConn {
             let me = self.clone();
             return Box::pin(me.create(req, exclude)).await;
         }
-        let m = format!("backend {} is unavailable; the request was not processed and may be retried", backend.name);
-        self.fail(&req, rpc::BACKEND_UNAVAILABLE, &m, rpc::data(true, json!({"backend": backend.name, "sessionId": req.session}))).await;
+        if req.session.is_some()
+            && matches!(
+                req.route,
+                Route::Session | Route::Delete | Route::Detach | Route::Resume
+            )
+        {
+            let suspect = Some(backend.name.clone());
+            return self.start_failover(req, suspect).await;
+        }
+        if req.route == Route::Global && req.attempts < 2 {
+            let mut req = req;
+            req.attempts += 1;
+            let key = format!("conn-{}-{}", self.id, req.attempts);
+            if let Some(b) = self.pick_any(&key).filter(|b| b.name != backend.name) {
+                return self.forward(b, req).await;
+            }
+            return self.no_backend(req).await;
+        }
+        let m = format!(
+            "backend {} is unavailable; the request was not processed and may be retried",
+            backend.name
+        );
+        self.fail(
+            &req,
+            rpc::BACKEND_UNAVAILABLE,
+            &m,
+            rpc::data(
+                true,
+                json!({"backend": backend.name, "sessionId": req.session}),
+            ),
+        )
+        .await;
     }
 
     /// Called by a link that ended: re-route what it never sent, fail what it had in flight.
-    pub fn link_died(self: &Arc<Self>, link: &Link, why: &LinkEnd, reason: &str, unsent: Vec<ClientReq>, in_flight: Vec<ClientReqMeta>) {
+    pub fn link_died(
+        self: &Arc<Self>,
+        link: &Link,
+        why: &LinkEnd,
+        reason: &str,
+        unsent: Vec<ClientReq>,
+        in_flight: Vec<ClientReqMeta>,
+    ) {
         {
             let mut st = self.lock();
             if st
@@ -588,7 +1037,8 @@ impl ClientConn {
             {
                 st.links.remove(&link.backend.name);
             }
-            st.server_reqs.retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
+            st.server_reqs
+                .retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
         }
         if matches!(why, LinkEnd::Closed) || self.cancel.is_cancelled() {
             return;
@@ -598,10 +1048,23 @@ impl ClientConn {
         let reason = reason.to_string();
         tokio::spawn(async move {
             for meta in in_flight {
-                me.shared.metrics.request(route::class_label(meta.route), "proxy_error");
-                let m = format!("{} was in flight when {reason}; it may not have completed and may be retried", meta.method);
-                me.reply_error(meta.id.get(), rpc::BACKEND_UNAVAILABLE, &m, Some(rpc::data(true, json!({"backend": backend.name, "sessionId": meta.session}))))
-                    .await;
+                me.shared
+                    .metrics
+                    .request(route::class_label(meta.route), "proxy_error");
+                let m = format!(
+                    "{} was in flight when {reason}; it may not have completed and may be retried",
+                    meta.method
+                );
+                me.reply_error(
+                    meta.id.get(),
+                    rpc::BACKEND_UNAVAILABLE,
+                    &m,
+                    Some(rpc::data(
+                        true,
+                        json!({"backend": backend.name, "sessionId": meta.session}),
+                    )),
+                )
+                .await;
             }
             for req in unsent {
                 me.backend_down(req, &backend).await;
@@ -610,7 +1073,14 @@ impl ClientConn {
     }
 
     /// A reply from a backend to one of this client's requests.
-    pub async fn backend_reply(&self, _link: &Link, meta: ClientReqMeta, body: &[u8], span: (usize, usize), is_error: bool) {
+    pub async fn backend_reply(
+        &self,
+        _link: &Link,
+        meta: ClientReqMeta,
+        body: &[u8],
+        span: (usize, usize),
+        is_error: bool,
+    ) {
         let out = envelope::splice(body, span, meta.id.get().as_bytes());
         let class = route::class_label(meta.route);
         if let Some(sid) = &meta.session {
@@ -626,7 +1096,9 @@ impl ClientConn {
                         }
                     }
                 }
-                Route::Create => info!(conn = self.id, session = %sid, backend = %_link.backend.name, "session created"),
+                Route::Create => {
+                    info!(conn = self.id, session = %sid, backend = %_link.backend.name, "session created")
+                }
                 Route::Delete if !is_error => {
                     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                     if v.pointer("/result/success").and_then(Value::as_bool) == Some(true) {
@@ -639,7 +1111,9 @@ impl ClientConn {
                 _ => {}
             }
         }
-        self.shared.metrics.request(class, if is_error { "error" } else { "ok" });
+        self.shared
+            .metrics
+            .request(class, if is_error { "error" } else { "ok" });
         self.shared
             .metrics
             .request_duration
@@ -664,7 +1138,14 @@ impl ClientConn {
 
     /// A request from the CLI to this client (hooks, sessionFs, user input, …): the id becomes
     /// a proxy-allocated non-negative integer, mapped back when the client answers.
-    pub async fn backend_request(&self, link: &Arc<Link>, id: Box<RawValue>, span: (usize, usize), method: &str, body: &[u8]) {
+    pub async fn backend_request(
+        &self,
+        link: &Arc<Link>,
+        id: Box<RawValue>,
+        span: (usize, usize),
+        method: &str,
+        body: &[u8],
+    ) {
         let n = self.next_srv.fetch_add(1, Ordering::Relaxed);
         self.lock().server_reqs.insert(n, (link.clone(), id));
         debug!(conn = self.id, backend = %link.backend.name, method, "CLI request forwarded to client");
@@ -674,14 +1155,21 @@ impl ClientConn {
 
     async fn list(self: &Arc<Self>, req: ClientReq) {
         let all = self.shared.pool.all();
-        let targets: Vec<Arc<Backend>> = all.iter().filter(|b| b.state() != State::Down).cloned().collect();
+        let targets: Vec<Arc<Backend>> = all
+            .iter()
+            .filter(|b| b.state() != State::Down)
+            .cloned()
+            .collect();
         if targets.is_empty() {
             return self.no_backend(req).await;
         }
         // session.getLastId is answered from the merged list; its own params don't apply.
         let (body, span) = if req.route == Route::LastId {
             let b = rpc::request(0, "session.list", &json!({}));
-            let span = envelope::parse(&b).ok().and_then(|e| e.id_span).unwrap_or((0, 0));
+            let span = envelope::parse(&b)
+                .ok()
+                .and_then(|e| e.id_span)
+                .unwrap_or((0, 0));
             (Bytes::from(b), span)
         } else {
             (req.body.clone(), req.id_span)
@@ -690,9 +1178,12 @@ impl ClientConn {
         for b in &targets {
             let link = self.link(b);
             let body = body.clone();
-            calls.push((b.name.clone(), tokio::spawn(async move {
-                tokio::time::timeout(FANOUT_TIMEOUT, link.call_as_proxy(&body, span)).await
-            })));
+            calls.push((
+                b.name.clone(),
+                tokio::spawn(async move {
+                    tokio::time::timeout(FANOUT_TIMEOUT, link.call_as_proxy(&body, span)).await
+                }),
+            ));
         }
         let mut merged: HashMap<String, Value> = HashMap::new();
         let mut errors = Vec::new();
@@ -715,13 +1206,20 @@ impl ClientConn {
             };
             let v: Value = serde_json::from_slice(&res).unwrap_or(Value::Null);
             if let Some(err) = v.get("error") {
-                errors.push(format!("{name}: {}", err.get("message").and_then(Value::as_str).unwrap_or("error")));
+                errors.push(format!(
+                    "{name}: {}",
+                    err.get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("error")
+                ));
                 continue;
             }
             ok += 1;
             if let Some(list) = v.pointer("/result/sessions").and_then(Value::as_array) {
                 for s in list {
-                    let Some(id) = s.get("sessionId").and_then(Value::as_str) else { continue };
+                    let Some(id) = s.get("sessionId").and_then(Value::as_str) else {
+                        continue;
+                    };
                     if !self.visible(id) {
                         continue;
                     }
@@ -736,15 +1234,28 @@ impl ClientConn {
             }
         }
         if ok == 0 {
-            let m = format!("{} failed on every backend: {}", req.method, errors.join("; "));
-            return self.fail(&req, rpc::BACKEND_UNAVAILABLE, &m, rpc::data(true, json!({}))).await;
+            let m = format!(
+                "{} failed on every backend: {}",
+                req.method,
+                errors.join("; ")
+            );
+            return self
+                .fail(
+                    &req,
+                    rpc::BACKEND_UNAVAILABLE,
+                    &m,
+                    rpc::data(true, json!({})),
+                )
+                .await;
         }
         if !errors.is_empty() {
             warn!(conn = self.id, errors = ?errors, "{} answered from a subset of backends", req.method);
         }
         let mut sessions: Vec<Value> = merged.into_values().collect();
         sessions.sort_by(|a, b| modified(b).cmp(&modified(a)));
-        self.shared.metrics.request(route::class_label(req.route), "ok");
+        self.shared
+            .metrics
+            .request(route::class_label(req.route), "ok");
         if req.route == Route::LastId {
             let last = sessions.first().and_then(|s| s.get("sessionId").cloned());
             let result = match last {
@@ -753,7 +1264,8 @@ impl ClientConn {
             };
             return self.reply_result(req.id.get(), &result).await;
         }
-        self.reply_result(req.id.get(), &json!({"sessions": sessions})).await;
+        self.reply_result(req.id.get(), &json!({"sessions": sessions}))
+            .await;
     }
 
     /// Whether this client's tenant may see a session.
@@ -763,6 +1275,13 @@ impl ClientConn {
             Some(o) => o == tenant.name,
             None => tenant.may_claim(sid),
         }
+    }
+}
+
+fn gate_of(guard: &Option<tokio::sync::OwnedMutexGuard<()>>) -> Arc<tokio::sync::Mutex<()>> {
+    match guard {
+        Some(g) => tokio::sync::OwnedMutexGuard::mutex(g).clone(),
+        None => Arc::new(tokio::sync::Mutex::new(())),
     }
 }
 
@@ -811,14 +1330,36 @@ mod tests {
 
     #[test]
     fn inject_into_params() {
-        let (b, span) = inject_session_id(br#"{"jsonrpc":"2.0","id":"q","method":"session.create","params":{"model":"m"}}"#, "s-1").unwrap();
+        let (b, span) = inject_session_id(
+            br#"{"jsonrpc":"2.0","id":"q","method":"session.create","params":{"model":"m"}}"#,
+            "s-1",
+        )
+        .unwrap();
         let e = envelope::parse(&b).unwrap();
         assert_eq!(e.session_id.as_deref(), Some("s-1"));
         assert_eq!(&b[span.0..span.1], b"\"q\"");
-        let (b, _) = inject_session_id(br#"{"jsonrpc":"2.0","params":{ },"id":3,"method":"session.create"}"#, "s-2").unwrap();
-        assert_eq!(envelope::parse(&b).unwrap().session_id.as_deref(), Some("s-2"));
-        let (b, _) = inject_session_id(br#"{"jsonrpc":"2.0","id":3,"method":"session.create"}"#, "s-3").unwrap();
-        assert_eq!(envelope::parse(&b).unwrap().session_id.as_deref(), Some("s-3"));
-        assert!(inject_session_id(br#"{"jsonrpc":"2.0","id":3,"method":"session.create","params":[1]}"#, "x").is_none());
+        let (b, _) = inject_session_id(
+            br#"{"jsonrpc":"2.0","params":{ },"id":3,"method":"session.create"}"#,
+            "s-2",
+        )
+        .unwrap();
+        assert_eq!(
+            envelope::parse(&b).unwrap().session_id.as_deref(),
+            Some("s-2")
+        );
+        let (b, _) = inject_session_id(
+            br#"{"jsonrpc":"2.0","id":3,"method":"session.create"}"#,
+            "s-3",
+        )
+        .unwrap();
+        assert_eq!(
+            envelope::parse(&b).unwrap().session_id.as_deref(),
+            Some("s-3")
+        );
+        assert!(inject_session_id(
+            br#"{"jsonrpc":"2.0","id":3,"method":"session.create","params":[1]}"#,
+            "x"
+        )
+        .is_none());
     }
 }

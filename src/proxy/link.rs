@@ -41,6 +41,8 @@ pub struct ClientReq {
     pub started: Instant,
     /// For `session.create`: this request installed the route (undo it if the create fails).
     pub fresh: bool,
+    /// Routing attempts so far (bounds re-routing after link failures).
+    pub attempts: u8,
 }
 
 /// What happens to a pending entry when its reply arrives.
@@ -88,7 +90,9 @@ pub struct Link {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("backend", &self.backend.name).finish()
+        f.debug_struct("Link")
+            .field("backend", &self.backend.name)
+            .finish()
     }
 }
 
@@ -171,6 +175,15 @@ impl Link {
         }
     }
 
+    /// Client requests written or queued and not yet answered.
+    pub fn pending_client(&self) -> usize {
+        self.lock()
+            .pending
+            .values()
+            .filter(|p| matches!(p, Pending::Client(_)))
+            .count()
+    }
+
     /// Sends a body as is (a reply to a request the CLI made).
     pub async fn send_raw(&self, body: Bytes) -> bool {
         self.tx.send(LinkMsg::Raw(body)).await.is_ok()
@@ -184,7 +197,11 @@ impl Link {
     }
 
     /// Sends a client body under a proxy id (fan-out), waiting for the reply body.
-    pub async fn call_as_proxy(&self, client_body: &[u8], id_span: (usize, usize)) -> Result<Bytes, String> {
+    pub async fn call_as_proxy(
+        &self,
+        client_body: &[u8],
+        id_span: (usize, usize),
+    ) -> Result<Bytes, String> {
         let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = envelope::splice(client_body, id_span, pid.to_string().as_bytes());
         self.call_body(pid, Bytes::from(body)).await
@@ -239,13 +256,22 @@ impl Link {
     }
 }
 
-async fn run(link: Arc<Link>, mut rx: mpsc::Receiver<LinkMsg>, conn: Arc<ClientConn>, fence: CancellationToken) {
+async fn run(
+    link: Arc<Link>,
+    mut rx: mpsc::Receiver<LinkMsg>,
+    conn: Arc<ClientConn>,
+    fence: CancellationToken,
+) {
     let backend = link.backend.clone();
     let shared = conn.shared.clone();
     backend.links.fetch_add(1, Ordering::Relaxed);
-    let gauge = shared.metrics.backend_links.get_or_create(&crate::metrics::BackendLabels {
-        backend: backend.name.clone(),
-    }).clone();
+    let gauge = shared
+        .metrics
+        .backend_links
+        .get_or_create(&crate::metrics::BackendLabels {
+            backend: backend.name.clone(),
+        })
+        .clone();
     gauge.inc();
     let end = tokio::select! {
         biased;
@@ -273,14 +299,28 @@ async fn run(link: Arc<Link>, mut rx: mpsc::Receiver<LinkMsg>, conn: Arc<ClientC
 }
 
 /// Connects, handshakes, then pumps frames both ways until something ends it.
-async fn session(link: &Arc<Link>, rx: &mut mpsc::Receiver<LinkMsg>, conn: &Arc<ClientConn>) -> LinkEnd {
+async fn session(
+    link: &Arc<Link>,
+    rx: &mut mpsc::Receiver<LinkMsg>,
+    conn: &Arc<ClientConn>,
+) -> LinkEnd {
     let shared = &conn.shared;
     let cfg = shared.config();
     let backend = &link.backend;
-    let stream = match tokio::time::timeout(cfg.limits.connect_timeout.0, TcpStream::connect(&backend.address)).await {
+    let stream = match tokio::time::timeout(
+        cfg.limits.connect_timeout.0,
+        TcpStream::connect(&backend.address),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return LinkEnd::ConnectFailed(e.to_string()),
-        Err(_) => return LinkEnd::ConnectFailed(format!("connect timed out after {:?}", cfg.limits.connect_timeout.0)),
+        Err(_) => {
+            return LinkEnd::ConnectFailed(format!(
+                "connect timed out after {:?}",
+                cfg.limits.connect_timeout.0
+            ))
+        }
     };
     wire::tune(&stream);
     let (r, mut w) = stream.into_split();
@@ -306,7 +346,11 @@ async fn session(link: &Arc<Link>, rx: &mut mpsc::Receiver<LinkMsg>, conn: &Arc<
                 if !link_w.lock().pending.contains_key(&pid) {
                     return None;
                 }
-                Bytes::from(envelope::splice(&req.body, req.id_span, pid.to_string().as_bytes()))
+                Bytes::from(envelope::splice(
+                    &req.body,
+                    req.id_span,
+                    pid.to_string().as_bytes(),
+                ))
             }
         };
         Some(body)
@@ -320,7 +364,12 @@ async fn session(link: &Arc<Link>, rx: &mut mpsc::Receiver<LinkMsg>, conn: &Arc<
                 }
                 Ok(None) => return LinkEnd::Broken("backend closed the connection".into()),
                 Err(e) if e.recoverable() => {
-                    metrics.bad_frames.get_or_create(&crate::metrics::ReasonLabels { reason: "backend_oversize" }).inc();
+                    metrics
+                        .bad_frames
+                        .get_or_create(&crate::metrics::ReasonLabels {
+                            reason: "backend_oversize",
+                        })
+                        .inc();
                     warn!(backend = %backend.name, error = %e, "dropping oversized frame from backend");
                 }
                 Err(e) => return LinkEnd::Broken(e.to_string()),
@@ -361,7 +410,9 @@ async fn handshake(
             .await
             .map_err(|e| e.to_string())?
             .ok_or("backend closed the connection during connect")?;
-        let Ok(env) = envelope::parse(&frame) else { continue };
+        let Ok(env) = envelope::parse(&frame) else {
+            continue;
+        };
         if env.kind != Kind::Response || env.id_u64() != Some(0) {
             continue;
         }
@@ -425,7 +476,9 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
         }
         Kind::Request => {
             let Some(span) = env.id_span else { return };
-            let Some(id) = env.id.map(|r| r.to_owned()) else { return };
+            let Some(id) = env.id.map(|r| r.to_owned()) else {
+                return;
+            };
             let method = env.method.as_deref().unwrap_or("").to_string();
             drop(env);
             conn.backend_request(link, id, span, &method, &body).await;

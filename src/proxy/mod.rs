@@ -8,9 +8,13 @@ use crate::auth::{Auth, Tenant};
 use crate::backend::{Backend, Pool, State};
 use crate::balance::{self, Candidate};
 use crate::codec::Limits;
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::metrics::{BackendLabels, Metrics};
+use client::ClientConn;
+use dashmap::DashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Weak;
 use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -28,8 +32,23 @@ pub struct Shared {
     /// Metrics.
     pub metrics: Metrics,
     next_conn: AtomicU64,
-    /// Cancelled to stop accepting and close connections.
+    /// Cancelled to stop accepting new connections (graceful drain).
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when everything must stop.
     pub shutdown: CancellationToken,
+    /// Open client connections.
+    pub conns: DashMap<u64, Weak<ClientConn>>,
+    /// Where the config came from, for reloads.
+    reload_source: std::sync::Mutex<Option<(PathBuf, Overrides)>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    /// Backends added.
+    pub added: Vec<String>,
+    /// Backends removed (their links were fenced).
+    pub removed: Vec<String>,
 }
 
 /// Start-up errors.
@@ -38,6 +57,9 @@ pub enum StartError {
     /// A backend could not be built (unreadable token source).
     #[error("{0}")]
     Backend(String),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -59,7 +81,10 @@ impl Shared {
             sessions: SessionTable::default(),
             metrics: Metrics::new(),
             next_conn: AtomicU64::new(1),
+            stop_accepting: CancellationToken::new(),
             shutdown: CancellationToken::new(),
+            conns: DashMap::new(),
+            reload_source: std::sync::Mutex::new(None),
         });
         shared.refresh_gauges();
         Ok(shared)
@@ -67,7 +92,10 @@ impl Shared {
 
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Swaps in a new config (already validated).
@@ -146,8 +174,63 @@ impl Shared {
                 .sessions
                 .get_or_create(&l)
                 .set(b.live_sessions.load(Ordering::Relaxed) as i64);
-            self.metrics.backend_state.get_or_create(&l).set(b.state() as i64);
+            self.metrics
+                .backend_state
+                .get_or_create(&l)
+                .set(b.state() as i64);
+            if b.draining()
+                && b.live_sessions.load(Ordering::Relaxed) == 0
+                && !b.drained_logged.swap(true, Ordering::Relaxed)
+            {
+                info!(backend = %b.name, "backend drained: no live sessions left");
+            }
         }
+    }
+
+    /// Remembers the file and flags to re-read on reload.
+    pub fn set_reload_source(&self, path: PathBuf, overrides: Overrides) {
+        *self.reload_source.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, overrides));
+    }
+
+    /// Re-reads the config file. A bad file changes nothing; live sessions never move unless
+    /// their backend was removed.
+    pub fn reload(&self) -> Result<ReloadReport, String> {
+        let src = self
+            .reload_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((path, overrides)) = src else {
+            return Err("no config file to reload (started from command-line flags only)".into());
+        };
+        let origin = path.display().to_string();
+        let cfg = Config::load(&path)
+            .and_then(|c| c.apply(&overrides, &origin))
+            .map_err(|e| e.to_string())?;
+        for b in &cfg.backends {
+            Config::backend_token(b)?;
+        }
+        let old = self.config();
+        if old
+            .listeners
+            .iter()
+            .map(|l| &l.listen.value)
+            .ne(cfg.listeners.iter().map(|l| &l.listen.value))
+        {
+            warn!("listener changes take effect only after a restart");
+        }
+        let (added, removed) = self.pool.replace(&cfg)?;
+        self.set_config(cfg);
+        self.refresh_gauges();
+        Ok(ReloadReport { added, removed })
+    }
+
+    /// Client requests in flight on a connection (for graceful shutdown).
+    pub fn live_conns(&self) -> Vec<Arc<ClientConn>> {
+        self.conns
+            .iter()
+            .filter_map(|e| e.value().upgrade())
+            .collect()
     }
 
     /// A failure seen on live traffic (refused, reset): counts toward `fall`.
@@ -190,11 +273,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.stop_accepting.cancelled() => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.stop_accepting.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -337,7 +337,7 @@ def backend_env(home: Path, state_dir: Path, token: str | None = None, extra: di
 
 def start_backends(n: int, run_dir: Path, *, shared_state: bool = False, token: str | None = None,
                    log_level: str = "info", timeout: float = 60.0,
-                   extra_args: list[str] | None = None) -> list[Backend]:
+                   extra_args: list[str] | None = None, first_index: int = 0) -> list[Backend]:
     """Start n CLI servers (in parallel) and wait until each listens.
 
     shared_state=False: every backend has its own COPILOT_HOME (shares nothing).
@@ -353,7 +353,7 @@ def start_backends(n: int, run_dir: Path, *, shared_state: bool = False, token: 
         shared.mkdir(parents=True, exist_ok=True)
     backends: list[Backend] = []
     try:
-        for i in range(n):
+        for i in range(first_index, first_index + n):
             port = free_port()
             bdir = run_dir / f"backend{i + 1}"
             home, state, work = bdir / "home", bdir / "copilot-home", bdir / "work"

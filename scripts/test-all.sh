@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit + property + integration tests, and the
+# end-to-end suite with the real Copilot CLI and SDKs (installed by tests/e2e/install.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+step() { echo; echo "=== $* ==="; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test (unit, property, integration)"
+cargo test --all-targets
+
+step "end-to-end: real Copilot CLI + Python and Node SDKs through copilot-lb"
+cargo build --bin copilot-lb
+COPILOT_LB_BIN="$PWD/target/debug/copilot-lb" bash tests/e2e/run.sh
+
+echo
+echo "all test stages passed"
