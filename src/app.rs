@@ -1,7 +1,8 @@
 //! Process wiring for `copilot-lb serve`: logging, listeners, health, admin, signals.
 
-use crate::config::{Config, LogFormat, Overrides};
+use crate::config::{Config, ListenerMode, LogFormat, Overrides};
 use crate::proxy::{self, Shared, StartError};
+use crate::tls::ServerTlsStore;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,16 +48,50 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
+    let jsonrpc = cfg
+        .listeners
+        .iter()
+        .any(|l| l.mode == ListenerMode::Jsonrpc);
     let shared = Shared::new(cfg)?;
-    proxy::warn_if_open(&shared);
+    if jsonrpc {
+        proxy::warn_if_open(&shared);
+    }
     let listen_addrs = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    for l in listeners {
-        tokio::spawn(proxy::serve(shared.clone(), l));
+    let cfg = shared.config();
+    for (l, lc) in listeners.into_iter().zip(cfg.listeners.iter()) {
+        match lc.mode {
+            ListenerMode::Jsonrpc => {
+                let tls = match &lc.tls {
+                    Some(t) => {
+                        let store = Arc::new(ServerTlsStore::load(t).map_err(|source| {
+                            StartError::Tls {
+                                listener: lc.listen.value.clone(),
+                                source,
+                            }
+                        })?);
+                        tokio::spawn(proxy::watch_tls(shared.clone(), store.clone()));
+                        Some(store)
+                    }
+                    None => None,
+                };
+                tokio::spawn(proxy::serve(shared.clone(), l, tls));
+            }
+            ListenerMode::Tcp => {
+                let sidecar =
+                    crate::sidecar::Sidecar::new(lc).map_err(|source| StartError::Tls {
+                        listener: lc.listen.value.clone(),
+                        source,
+                    })?;
+                tokio::spawn(sidecar.serve(shared.clone(), l));
+            }
+        }
     }
-    tokio::spawn(crate::health::supervise(shared.clone()));
+    if jsonrpc {
+        tokio::spawn(crate::health::supervise(shared.clone()));
+    }
     let admin_addr = match admin {
         Some(l) => {
             let addr = l.local_addr().ok();

@@ -14,6 +14,10 @@ pub struct Tenant {
     pub max_sessions: Option<u64>,
     /// Backends allowed to serve it; empty means all.
     pub backends: Vec<String>,
+    /// Delete its sessions this long after creation.
+    pub max_session_age: Option<std::time::Duration>,
+    /// Delete its sessions after this long without a request.
+    pub max_idle: Option<std::time::Duration>,
 }
 
 impl Tenant {
@@ -24,6 +28,8 @@ impl Tenant {
             session_patterns: Vec::new(),
             max_sessions: None,
             backends: Vec::new(),
+            max_session_age: None,
+            max_idle: None,
         }
     }
 
@@ -54,8 +60,22 @@ impl Tenant {
 /// The authentication policy in force.
 #[derive(Debug)]
 pub struct Auth {
-    tenants: Vec<(Vec<String>, Arc<Tenant>)>,
+    tenants: Vec<TenantAuth>,
     open: Arc<Tenant>,
+}
+
+#[derive(Debug)]
+struct TenantAuth {
+    hashes: Vec<String>,
+    identities: Vec<String>,
+    tenant: Arc<Tenant>,
+}
+
+impl TenantAuth {
+    fn identity_ok(&self, identity: Option<&str>) -> bool {
+        self.identities.is_empty()
+            || identity.is_some_and(|id| self.identities.iter().any(|p| glob(p, id)))
+    }
 }
 
 impl Default for Auth {
@@ -73,6 +93,42 @@ impl Auth {
         }
     }
 
+    /// Builds the policy from the config's tenants (none: open).
+    pub fn from_config(tenants: &[crate::config::TenantConfig]) -> Auth {
+        let tenants = tenants
+            .iter()
+            .map(|t| TenantAuth {
+                hashes: t
+                    .token_hashes
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                identities: t.identities.clone(),
+                tenant: Arc::new(Tenant {
+                    name: t.name.value.clone(),
+                    session_patterns: t.session_patterns.clone(),
+                    max_sessions: t.max_sessions,
+                    backends: t.backends.clone(),
+                    max_session_age: t.max_session_age.map(|m| m.0),
+                    max_idle: t.max_idle.map(|m| m.0),
+                }),
+            })
+            .collect();
+        Auth {
+            tenants,
+            open: Arc::new(Tenant::open()),
+        }
+    }
+
+    /// Every configured tenant (the open one when none are).
+    pub fn tenants(&self) -> Vec<Arc<Tenant>> {
+        if self.tenants.is_empty() {
+            vec![self.open.clone()]
+        } else {
+            self.tenants.iter().map(|t| t.tenant.clone()).collect()
+        }
+    }
+
     /// Whether clients must `connect` with a token first.
     pub fn required(&self) -> bool {
         !self.tenants.is_empty()
@@ -83,11 +139,13 @@ impl Auth {
         self.open.clone()
     }
 
-    /// Checks a client's `connect` token with the CLI's error codes.
+    /// Finds the tenant for a `connect` token and a certificate identity, answering failures
+    /// with the CLI's own error codes. A tenant with identity patterns needs a matching
+    /// certificate; one with token hashes needs a matching token; one with both needs both.
     pub fn authenticate(
         &self,
         token: Option<&str>,
-        _identity: Option<&str>,
+        identity: Option<&str>,
     ) -> Result<Arc<Tenant>, (i64, &'static str)> {
         if self.tenants.is_empty() {
             return match token {
@@ -98,16 +156,21 @@ impl Auth {
                 None => Ok(self.open.clone()),
             };
         }
-        let Some(token) = token else {
-            return Err((crate::rpc::AUTHENTICATION_FAILED, "AUTHENTICATION_FAILED"));
-        };
-        let h = hash_token(token);
-        for (hashes, t) in &self.tenants {
-            if hashes
-                .iter()
-                .any(|x| constant_eq(x.as_bytes(), h.as_bytes()))
-            {
-                return Ok(t.clone());
+        let candidates = self.tenants.iter().filter(|t| t.identity_ok(identity));
+        if let Some(token) = token {
+            let h = hash_token(token);
+            for t in candidates.clone() {
+                if t.hashes
+                    .iter()
+                    .any(|x| constant_eq(x.as_bytes(), h.as_bytes()))
+                {
+                    return Ok(t.tenant.clone());
+                }
+            }
+        }
+        for t in candidates {
+            if t.hashes.is_empty() && !t.identities.is_empty() && token.is_none() {
+                return Ok(t.tenant.clone());
             }
         }
         Err((crate::rpc::AUTHENTICATION_FAILED, "AUTHENTICATION_FAILED"))
@@ -160,6 +223,51 @@ mod tests {
         assert!(glob("x*y*z", "x12y34z"));
         assert!(!glob("x*y*z", "x12y34"));
         assert!(glob("exact", "exact"));
+    }
+
+    fn tenant(name: &str, tokens: &[&str], ids: &[&str]) -> crate::config::TenantConfig {
+        let yaml = format!(
+            "name: {name}\ntoken_hashes: [{}]\nidentities: [{}]\n",
+            tokens
+                .iter()
+                .map(|t| format!("\"{}\"", hash_token(t)))
+                .collect::<Vec<_>>()
+                .join(","),
+            ids.iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn tenants_by_token_identity_or_both() {
+        let a = Auth::from_config(&[
+            tenant("a", &["tok-a"], &[]),
+            tenant("b", &[], &["spiffe://x/b/*"]),
+            tenant("c", &["tok-c"], &["spiffe://x/c"]),
+        ]);
+        assert!(a.required());
+        assert_eq!(a.authenticate(Some("tok-a"), None).unwrap().name, "a");
+        assert_eq!(
+            a.authenticate(None, Some("spiffe://x/b/1")).unwrap().name,
+            "b"
+        );
+        assert_eq!(
+            a.authenticate(Some("tok-c"), Some("spiffe://x/c"))
+                .unwrap()
+                .name,
+            "c"
+        );
+        assert_eq!(
+            a.authenticate(Some("tok-c"), Some("spiffe://x/b/1"))
+                .unwrap_err()
+                .0,
+            -32002
+        );
+        assert_eq!(a.authenticate(Some("wrong"), None).unwrap_err().0, -32002);
+        assert_eq!(a.authenticate(None, None).unwrap_err().0, -32002);
     }
 
     #[test]

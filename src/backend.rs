@@ -51,6 +51,8 @@ pub struct Backend {
     pub max_sessions: Option<u64>,
     /// The CLI's connection token, held by the proxy only.
     token: Option<String>,
+    /// TLS towards this backend, if configured.
+    pub tls: Option<Arc<crate::tls::ClientTlsStore>>,
     health: AtomicU8,
     drained: std::sync::atomic::AtomicBool,
     /// Sessions with at least one client joined.
@@ -97,6 +99,13 @@ impl Backend {
             weight: b.weight,
             max_sessions: b.max_sessions,
             token: Config::backend_token(b)?,
+            tls: match &b.tls {
+                Some(t) => Some(Arc::new(
+                    crate::tls::ClientTlsStore::load(t)
+                        .map_err(|e| format!("backend {:?}: {e}", b.name()))?,
+                )),
+                None => None,
+            },
             health: AtomicU8::new(State::Up as u8),
             drained: Default::default(),
             live_sessions: AtomicU64::new(0),

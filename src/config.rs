@@ -107,6 +107,9 @@ pub struct Config {
     /// Session storage and failover policy.
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// Tenants; none means one open tenant and no client authentication.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -162,6 +165,94 @@ pub enum ListenerMode {
     /// Session-aware JSON-RPC proxy.
     #[default]
     Jsonrpc,
+    /// Byte pass-through to `upstream` (the sidecar in front of an SDK app).
+    Tcp,
+}
+
+/// Client certificate policy of a TLS listener.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates asked for.
+    #[default]
+    None,
+    /// Verified when presented, not required.
+    Optional,
+    /// Required and verified against `client_ca`.
+    Required,
+}
+
+/// Server-side TLS for a listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Client certificate policy.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// PEM CA bundle that client certificates must chain to.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Client-side TLS (sidecar to edge, proxy to backend).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// PEM CA bundle that the server certificate must chain to.
+    pub ca: PathBuf,
+    /// PEM client certificate chain (for mutual TLS).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM client private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Name to verify in the server certificate (default: the upstream host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// Where a tcp-mode listener forwards.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of the copilot-lb edge.
+    pub address: Spanned<String>,
+    /// TLS to the edge (normally with a client certificate).
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// A tenant: who it is, what it may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Name (the owner recorded on its sessions).
+    pub name: Spanned<String>,
+    /// `sha256:<hex>` hashes of its `connect` tokens (`copilot-lb hash-token`).
+    #[serde(default)]
+    pub token_hashes: Vec<String>,
+    /// Client-certificate identity patterns (URI SAN, DNS SAN or CN; `*` wildcards).
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Session ids it may create (`*` wildcards); empty means any.
+    #[serde(default)]
+    pub session_patterns: Vec<String>,
+    /// Cap on its live sessions.
+    #[serde(default)]
+    pub max_sessions: Option<u64>,
+    /// Delete its sessions this long after creation (off by default).
+    #[serde(default)]
+    pub max_session_age: Option<Millis>,
+    /// Delete its sessions after this long without a request (off by default).
+    #[serde(default)]
+    pub max_idle: Option<Millis>,
+    /// Backends allowed to serve it; empty means all.
+    #[serde(default)]
+    pub backends: Vec<String>,
 }
 
 /// One listener.
@@ -176,6 +267,15 @@ pub struct ListenerConfig {
     /// Listener mode.
     #[serde(default)]
     pub mode: ListenerMode,
+    /// TLS towards clients.
+    #[serde(default)]
+    pub tls: Option<ServerTlsConfig>,
+    /// tcp mode: the edge to forward to.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    /// tcp mode: allow a non-loopback listen address (plain TCP leaves the host).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 /// Admin endpoint.
@@ -210,6 +310,9 @@ pub struct BackendConfig {
     /// Start drained: keep existing sessions, place no new ones.
     #[serde(default)]
     pub drain: bool,
+    /// TLS to this backend (optional).
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 fn one() -> f64 {
@@ -372,7 +475,7 @@ pub struct LogConfig {
 /// Command-line values that override or stand in for the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// Replaces all listeners with one JSON-RPC listener.
+    /// Replaces the first listener's address (or adds a JSON-RPC listener if there is none).
     pub listen: Option<String>,
     /// Replaces all backends.
     pub backends: Vec<String>,
@@ -410,11 +513,17 @@ impl Config {
 
     /// Applies command-line overrides and validates again.
     pub fn apply(mut self, o: &Overrides, origin: &str) -> Result<Config, ConfigError> {
-        if let Some(l) = &o.listen {
+        if let (Some(l), Some(first)) = (&o.listen, self.listeners.first_mut()) {
+            // Keep the listener's mode and TLS; only its address changes.
+            first.listen = spanned(l.clone());
+        } else if let Some(l) = &o.listen {
             self.listeners = vec![ListenerConfig {
                 name: Some("main".into()),
                 listen: spanned(l.clone()),
                 mode: ListenerMode::Jsonrpc,
+                tls: None,
+                upstream: None,
+                allow_non_loopback: false,
             }];
         }
         if !o.backends.is_empty() {
@@ -429,6 +538,7 @@ impl Config {
                     token_env: None,
                     token_file: None,
                     drain: false,
+                    tls: None,
                 })
                 .collect();
         }
@@ -455,6 +565,64 @@ impl Config {
         for l in &self.listeners {
             if let Err(e) = check_addr(&l.listen.value) {
                 problems.push(format!("{}: listeners[].listen {e}", at(&l.listen)));
+            }
+            let w = at(&l.listen);
+            match l.mode {
+                ListenerMode::Tcp => match &l.upstream {
+                    None => problems.push(format!(
+                        "{w}: a tcp (sidecar) listener needs upstream.address"
+                    )),
+                    Some(u) => {
+                        if let Err(e) = check_addr(&u.address.value) {
+                            problems.push(format!("{}: upstream.address {e}", at(&u.address)));
+                        }
+                        if !l.allow_non_loopback && !is_loopback(&l.listen.value) {
+                            problems.push(format!("{w}: a tcp (sidecar) listener forwards plain TCP; listen on 127.0.0.1 or ::1, or set allow_non_loopback: true"));
+                        }
+                    }
+                },
+                ListenerMode::Jsonrpc => {
+                    if l.upstream.is_some() {
+                        problems.push(format!("{w}: upstream is only for mode: tcp"));
+                    }
+                }
+            }
+            if let Some(t) = &l.tls {
+                if t.client_auth != ClientAuth::None && t.client_ca.is_none() {
+                    problems.push(format!(
+                        "{w}: tls.client_auth {:?} needs tls.client_ca",
+                        t.client_auth
+                    ));
+                }
+            }
+        }
+        let mut tenant_names = HashSet::new();
+        for t in &self.tenants {
+            let w = at(&t.name);
+            if !tenant_names.insert(t.name.value.clone()) {
+                problems.push(format!("{w}: duplicate tenant name {:?}", t.name.value));
+            }
+            if t.token_hashes.is_empty() && t.identities.is_empty() {
+                problems.push(format!(
+                    "{w}: tenant {:?} needs token_hashes and/or identities",
+                    t.name.value
+                ));
+            }
+            for h in &t.token_hashes {
+                let ok = h
+                    .strip_prefix("sha256:")
+                    .is_some_and(|x| x.len() == 64 && x.bytes().all(|b| b.is_ascii_hexdigit()));
+                if !ok {
+                    problems.push(format!("{w}: tenant {:?}: token hash {h:?} is not sha256:<64 hex> (use `copilot-lb hash-token`; plaintext tokens never go in YAML)", t.name.value));
+                }
+            }
+            for b in &t.backends {
+                if !self.backends.iter().any(|x| x.name() == b) {
+                    problems.push(format!(
+                        "{w}: tenant {:?} names unknown backend {b:?}",
+                        t.name.value
+                    ));
+                }
             }
         }
         if let Some(a) = &self.admin {
@@ -581,6 +749,14 @@ pub fn check_addr(a: &str) -> Result<(), String> {
     port.parse::<u16>()
         .map_err(|_| format!("{a:?} has an invalid port"))?;
     Ok(())
+}
+
+/// Whether a listen address is loopback (127.0.0.0/8, ::1 or localhost).
+pub fn is_loopback(a: &str) -> bool {
+    if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
+        return sa.ip().is_loopback();
+    }
+    a.rsplit_once(':').is_some_and(|(h, _)| h == "localhost")
 }
 
 /// Finds the config file to use when none was given.

@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -76,68 +75,64 @@ pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool
 pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
     let start = Instant::now();
     let run = async {
-        let stream = TcpStream::connect(&b.address)
+        let (r, mut w) = crate::tls::dial(&b.address, b.tls.as_deref())
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (r, mut w) = stream.into_split();
         let mut reader = FrameReader::new(r, Default::default());
         let params = match b.token() {
             Some(t) => json!({ "token": t }),
             None => json!({}),
         };
-        let mut out = encode_frame(&rpc::request(1, "connect", &params));
-        out.extend(encode_frame(&rpc::request(
+        // Sequential: a CLI with a token answers anything before `connect` completes with
+        // AUTHENTICATION_REQUIRED, and it serves requests concurrently.
+        w.write_all(&encode_frame(&rpc::request(1, "connect", &params)))
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let v = await_reply(&mut reader, 1).await?;
+        if let Some(err) = v.get("error") {
+            if err.get("code").and_then(Value::as_i64) != Some(rpc::METHOD_NOT_FOUND) {
+                return Err(format!("connect failed: {err}"));
+            }
+        }
+        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
+            *b.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
+        }
+        w.write_all(&encode_frame(&rpc::request(
             2,
             "ping",
             &json!({"message": "copilot-lb health"}),
-        )));
-        w.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
-        let (mut connected, mut pinged) = (false, false);
-        loop {
-            let f = reader
-                .read_frame()
-                .await
-                .map_err(|e| format!("read: {e}"))?
-                .ok_or("closed by backend")?;
-            let Ok(env) = envelope::parse(&f) else {
-                continue;
-            };
-            if env.kind != Kind::Response {
-                continue;
-            }
-            let id = env.id_u64();
-            let v: Value = serde_json::from_slice(&f).unwrap_or(Value::Null);
-            if let Some(err) = v.get("error") {
-                let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-                if !(id == Some(1) && code == rpc::METHOD_NOT_FOUND) {
-                    return Err(format!(
-                        "{} failed: {err}",
-                        if id == Some(1) { "connect" } else { "ping" }
-                    ));
-                }
-            }
-            // Without a token the CLI serves both requests concurrently, so replies may swap.
-            match id {
-                Some(1) => {
-                    connected = true;
-                    if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
-                        *b.version.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(ver.to_string());
-                    }
-                }
-                Some(2) => pinged = true,
-                _ => {}
-            }
-            if connected && pinged {
-                return Ok(());
-            }
+        )))
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+        let v = await_reply(&mut reader, 2).await?;
+        if let Some(err) = v.get("error") {
+            return Err(format!("ping failed: {err}"));
         }
+        Ok::<(), String>(())
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+async fn await_reply(
+    reader: &mut FrameReader<crate::tls::BoxRead>,
+    id: u64,
+) -> Result<Value, String> {
+    loop {
+        let f = reader
+            .read_frame()
+            .await
+            .map_err(|e| format!("read: {e}"))?
+            .ok_or("closed by backend")?;
+        let Ok(env) = envelope::parse(&f) else {
+            continue;
+        };
+        if env.kind == Kind::Response && env.id_u64() == Some(id) {
+            return serde_json::from_slice(&f).map_err(|e| e.to_string());
+        }
     }
 }
 

@@ -18,4 +18,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod rpc;
+pub mod sidecar;
+pub mod tls;
 pub mod wire;

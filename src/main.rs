@@ -24,7 +24,7 @@ enum Cmd {
         /// YAML config (default: $COPILOT_LB_CONFIG, ./config/copilot-lb.yaml, /etc/copilot-lb/copilot-lb.yaml).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Client listener HOST:PORT (replaces the config's listeners).
+        /// Client listener HOST:PORT (replaces the first listener's address).
         #[arg(long)]
         listen: Option<String>,
         /// Backend HOST:PORT, repeatable (replaces the config's backends).

@@ -9,14 +9,17 @@ use crate::balance;
 use crate::codec::{CodecError, FrameReader};
 use crate::envelope::{self, Kind};
 use crate::route::{self, Route};
+use crate::tls::ServerTlsStore;
 use crate::{rpc, wire};
 use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -67,12 +70,50 @@ pub struct ClientConn {
     out: mpsc::Sender<Bytes>,
     st: Mutex<ConnState>,
     next_srv: AtomicU64,
+    /// TLS peer facts (TLS listeners only).
+    pub tls: Option<PeerTls>,
 }
 
-/// Serves one accepted client connection to completion.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identity: Option<String>) {
+/// TLS facts about a client connection.
+pub struct PeerTls {
+    /// Identity from the client certificate (URI SAN, DNS SAN or CN).
+    pub identity: Option<String>,
+    /// The client's certificate chain, re-verified when the CA or clock changes.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The listener's TLS store.
+    pub store: Arc<ServerTlsStore>,
+}
+
+/// Serves one accepted plain-TCP client connection to completion.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String) {
     wire::tune(&stream);
     let (r, w) = stream.into_split();
+    let reader = FrameReader::new(r, shared.limits()).with_after_read(wire::quickack);
+    run(shared, reader, w, peer, None).await;
+}
+
+/// Serves one client connection that completed a TLS handshake.
+pub async fn serve_tls(
+    shared: Arc<Shared>,
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: String,
+    tls: PeerTls,
+) {
+    let (r, w) = tokio::io::split(stream);
+    let reader = FrameReader::new(r, shared.limits());
+    run(shared, reader, w, peer, Some(tls)).await;
+}
+
+async fn run<R, W>(
+    shared: Arc<Shared>,
+    mut reader: FrameReader<R>,
+    w: W,
+    peer: String,
+    tls: Option<PeerTls>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(1024);
     let id = shared.next_conn_id();
     let conn = Arc::new(ClientConn {
@@ -83,15 +124,14 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String, identit
         out: out_tx,
         st: Mutex::new(ConnState::default()),
         next_srv: AtomicU64::new(1),
+        tls,
     });
-    let _ = identity;
     shared.conns.insert(id, Arc::downgrade(&conn));
     shared.metrics.connections_total.inc();
     shared.metrics.connections_active.inc();
     let started = Instant::now();
-    debug!(conn = id, %peer, "client connected");
+    debug!(conn = id, %peer, identity = ?conn.identity(), "client connected");
     let writer = tokio::spawn(wire::writer(w, out_rx));
-    let mut reader = FrameReader::new(r, shared.limits()).with_after_read(wire::quickack);
     loop {
         let frame = tokio::select! {
             f = reader.read_frame() => f,
@@ -157,6 +197,25 @@ fn id_str(c: &ClientConn) -> u64 {
 impl ClientConn {
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client certificate's identity, if any.
+    pub fn identity(&self) -> Option<&str> {
+        self.tls.as_ref().and_then(|t| t.identity.as_deref())
+    }
+
+    /// Closes the connection once its in-flight requests are answered (its certificate no
+    /// longer verifies).
+    pub fn revoke(self: &Arc<Self>, why: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            warn!(conn = me.id, identity = ?me.identity(), reason = %why, "client certificate no longer valid; closing after in-flight requests");
+            let deadline = Instant::now() + me.shared.config().limits.shutdown_timeout.0;
+            while me.in_flight() > 0 && Instant::now() < deadline && !me.cancel.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            me.shut();
+        });
     }
 
     /// Whether the client asked for telemetry forwarding in its `connect`.
@@ -337,7 +396,7 @@ impl ClientConn {
             .unwrap_or(Value::Null);
         let token = params.get("token").and_then(Value::as_str);
         let auth = self.shared.auth();
-        let verdict = auth.authenticate(token, None);
+        let verdict = auth.authenticate(token, self.identity());
         match verdict {
             Ok(tenant) => {
                 {
@@ -356,7 +415,7 @@ impl ClientConn {
             }
             Err((code, msg)) => {
                 self.shared.metrics.request("local", "proxy_error");
-                warn!(conn = self.id, peer = %self.peer, code, "client connect refused");
+                warn!(conn = self.id, peer = %self.peer, identity = ?self.identity(), code, "client connect refused");
                 self.reply_error(req.id.get(), code, msg, None).await;
             }
         }

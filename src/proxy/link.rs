@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -307,14 +306,10 @@ async fn session(
     let shared = &conn.shared;
     let cfg = shared.config();
     let backend = &link.backend;
-    let stream = match tokio::time::timeout(
-        cfg.limits.connect_timeout.0,
-        TcpStream::connect(&backend.address),
-    )
-    .await
-    {
+    let dial = crate::tls::dial(&backend.address, backend.tls.as_deref());
+    let (r, mut w) = match tokio::time::timeout(cfg.limits.connect_timeout.0, dial).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return LinkEnd::ConnectFailed(e.to_string()),
+        Ok(Err(e)) => return LinkEnd::ConnectFailed(e),
         Err(_) => {
             return LinkEnd::ConnectFailed(format!(
                 "connect timed out after {:?}",
@@ -322,8 +317,6 @@ async fn session(
             ))
         }
     };
-    wire::tune(&stream);
-    let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r, shared.limits());
     let telemetry = conn.telemetry();
     match tokio::time::timeout(
@@ -387,8 +380,8 @@ async fn session(
 
 /// The proxy's own `connect` on a fresh link, with the backend's token (never the client's).
 async fn handshake(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    reader: &mut FrameReader<crate::tls::BoxRead>,
+    w: &mut crate::tls::BoxWrite,
     backend: &Backend,
     telemetry: bool,
 ) -> Result<(), String> {

@@ -10,6 +10,7 @@ use crate::balance::{self, Candidate};
 use crate::codec::Limits;
 use crate::config::{Config, Overrides};
 use crate::metrics::{BackendLabels, Metrics};
+use crate::tls::ServerTlsStore;
 use client::ClientConn;
 use dashmap::DashMap;
 use std::path::PathBuf;
@@ -60,6 +61,14 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    /// TLS material could not be loaded.
+    #[error("listener {listener}: {source}")]
+    Tls {
+        /// Listener address.
+        listener: String,
+        /// Cause.
+        source: crate::tls::TlsError,
+    },
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -74,9 +83,10 @@ impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(cfg: Config) -> Result<Arc<Shared>, StartError> {
         let pool = Pool::new(&cfg).map_err(StartError::Backend)?;
+        let auth = Auth::from_config(&cfg.tenants);
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(cfg)),
-            auth: RwLock::new(Arc::new(Auth::open())),
+            auth: RwLock::new(Arc::new(auth)),
             pool,
             sessions: SessionTable::default(),
             metrics: Metrics::new(),
@@ -220,6 +230,7 @@ impl Shared {
             warn!("listener changes take effect only after a restart");
         }
         let (added, removed) = self.pool.replace(&cfg)?;
+        self.set_auth(Auth::from_config(&cfg.tenants));
         self.set_config(cfg);
         self.refresh_gauges();
         Ok(ReloadReport { added, removed })
@@ -259,14 +270,16 @@ pub async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, StartError> {
 }
 
 /// Accepts client connections until shutdown; a semaphore caps concurrent connections.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// With `tls`, each accept takes the store's current config, so rotated certificates apply
+/// to new handshakes without a restart.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<Arc<ServerTlsStore>>) {
     let max = shared.config().limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    info!(listen = %local, max_connections = max, "listening (jsonrpc)");
+    info!(listen = %local, max_connections = max, tls = tls.is_some(), "listening (jsonrpc)");
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
@@ -282,8 +295,46 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let shared = shared.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    client::serve(shared, stream, peer.to_string(), None).await;
+                    match tls {
+                        None => client::serve(shared, stream, peer.to_string()).await,
+                        Some(store) => {
+                            crate::wire::tune(&stream);
+                            let timeout = shared.config().limits.handshake_timeout.0;
+                            let hs = tokio::time::timeout(timeout, store.acceptor().accept(stream))
+                                .await;
+                            match hs {
+                                Ok(Ok(s)) => {
+                                    let chain: Vec<_> = s
+                                        .get_ref()
+                                        .1
+                                        .peer_certificates()
+                                        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                                        .unwrap_or_default();
+                                    let identity =
+                                        chain.first().and_then(crate::tls::peer_identity);
+                                    let peer_tls = client::PeerTls {
+                                        identity,
+                                        chain,
+                                        store,
+                                    };
+                                    client::serve_tls(shared, s, peer.to_string(), peer_tls).await
+                                }
+                                Ok(Err(e)) => {
+                                    shared
+                                        .metrics
+                                        .bad_frames
+                                        .get_or_create(&crate::metrics::ReasonLabels {
+                                            reason: "tls_handshake",
+                                        })
+                                        .inc();
+                                    warn!(%peer, error = %e, "TLS handshake failed");
+                                }
+                                Err(_) => warn!(%peer, "TLS handshake timed out"),
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -291,6 +342,43 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reloads a listener's TLS files when they change, and closes (after their in-flight
+/// requests) connections whose client certificate no longer verifies: a CA dropped from the
+/// bundle, or a certificate that expired.
+pub async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        ticks += 1;
+        let changed = match store.reload_if_changed() {
+            Ok(true) => {
+                info!("listener TLS material reloaded");
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                error!(error = %e, "listener TLS reload failed; keeping the previous material");
+                false
+            }
+        };
+        if !changed && ticks % 30 != 0 {
+            continue;
+        }
+        for c in shared.live_conns() {
+            let Some(t) = &c.tls else { continue };
+            if !Arc::ptr_eq(&t.store, &store) || t.chain.is_empty() || c.cancel.is_cancelled() {
+                continue;
+            }
+            if let Err(e) = store.still_valid(&t.chain) {
+                c.revoke(e);
             }
         }
     }
