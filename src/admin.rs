@@ -31,7 +31,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                async move {
+                    let resp = match delete_target(&req) {
+                        Some(sid) => delete(&shared, &sid).await,
+                        None => handle(&shared, req),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -95,6 +101,28 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<usize> {
             None
         }
     })
+}
+
+fn delete_target(req: &Request<Incoming>) -> Option<String> {
+    if req.method() != Method::DELETE {
+        return None;
+    }
+    let rest = req.uri().path().strip_prefix("/api/sessions/")?;
+    (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_string())
+}
+
+async fn delete(shared: &Shared, sid: &str) -> Response<Full<Bytes>> {
+    match crate::hygiene::delete_session(shared, sid, "admin").await {
+        Ok(true) => json_resp(StatusCode::OK, json!({"deleted": true, "session_id": sid})),
+        Ok(false) => json_resp(
+            StatusCode::NOT_FOUND,
+            json!({"deleted": false, "error": format!("copilot-lb does not know session {sid}")}),
+        ),
+        Err(e) => json_resp(
+            StatusCode::BAD_GATEWAY,
+            json!({"deleted": false, "error": e}),
+        ),
+    }
 }
 
 fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -203,7 +231,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json!({"error": format!("no route for {} {path}", req.method()),
                    "routes": ["GET /livez", "GET /readyz", "GET /metrics", "GET /api/backends",
                               "POST /api/backends/{name}/drain", "POST /api/backends/{name}/undrain",
-                              "GET /api/sessions?offset=&limit=", "POST /api/reload"]}),
+                              "GET /api/sessions?offset=&limit=", "DELETE /api/sessions/{id}", "POST /api/reload"]}),
         ),
     }
 }

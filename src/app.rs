@@ -91,6 +91,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     if jsonrpc {
         tokio::spawn(crate::health::supervise(shared.clone()));
+        tokio::spawn(crate::hygiene::reap(shared.clone()));
     }
     let admin_addr = match admin {
         Some(l) => {

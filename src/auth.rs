@@ -94,7 +94,12 @@ impl Auth {
     }
 
     /// Builds the policy from the config's tenants (none: open).
-    pub fn from_config(tenants: &[crate::config::TenantConfig]) -> Auth {
+    pub fn from_config(
+        tenants: &[crate::config::TenantConfig],
+        defaults: &crate::config::SessionsConfig,
+    ) -> Auth {
+        let age = defaults.max_session_age.map(|m| m.0);
+        let idle = defaults.max_idle.map(|m| m.0);
         let tenants = tenants
             .iter()
             .map(|t| TenantAuth {
@@ -109,14 +114,17 @@ impl Auth {
                     session_patterns: t.session_patterns.clone(),
                     max_sessions: t.max_sessions,
                     backends: t.backends.clone(),
-                    max_session_age: t.max_session_age.map(|m| m.0),
-                    max_idle: t.max_idle.map(|m| m.0),
+                    max_session_age: t.max_session_age.map(|m| m.0).or(age),
+                    max_idle: t.max_idle.map(|m| m.0).or(idle),
                 }),
             })
             .collect();
+        let mut open = Tenant::open();
+        open.max_session_age = age;
+        open.max_idle = idle;
         Auth {
             tenants,
-            open: Arc::new(Tenant::open()),
+            open: Arc::new(open),
         }
     }
 
@@ -243,11 +251,16 @@ mod tests {
 
     #[test]
     fn tenants_by_token_identity_or_both() {
-        let a = Auth::from_config(&[
-            tenant("a", &["tok-a"], &[]),
-            tenant("b", &[], &["spiffe://x/b/*"]),
-            tenant("c", &["tok-c"], &["spiffe://x/c"]),
-        ]);
+        let a = Auth::from_config(&Default::default(), &Default::default());
+        let _ = a;
+        let a = Auth::from_config(
+            &[
+                tenant("a", &["tok-a"], &[]),
+                tenant("b", &[], &["spiffe://x/b/*"]),
+                tenant("c", &["tok-c"], &["spiffe://x/c"]),
+            ],
+            &Default::default(),
+        );
         assert!(a.required());
         assert_eq!(a.authenticate(Some("tok-a"), None).unwrap().name, "a");
         assert_eq!(

@@ -138,6 +138,12 @@ pub struct SessionsConfig {
     /// How long a request waits for a suspect backend's health verdict before failing.
     #[serde(default)]
     pub detect_timeout: Option<Millis>,
+    /// Default for every tenant: delete sessions this long after creation (off by default).
+    #[serde(default)]
+    pub max_session_age: Option<Millis>,
+    /// Default for every tenant: delete sessions idle this long (off by default).
+    #[serde(default)]
+    pub max_idle: Option<Millis>,
 }
 
 impl SessionsConfig {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod envelope;
 pub mod fake_cli;
 pub mod health;
+pub mod hygiene;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

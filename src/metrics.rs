@@ -94,6 +94,8 @@ pub struct Metrics {
     pub probe_failures: Family<BackendLabels, Counter>,
     /// Passive failures seen on live traffic.
     pub passive_failures: Family<BackendLabels, Counter>,
+    /// Sessions deleted by copilot-lb (hygiene limits or admin API), by reason.
+    pub sessions_reaped: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -123,6 +125,7 @@ impl Metrics {
             probe_duration: Family::new_with_constructor(latency_histogram),
             probe_failures: Family::default(),
             passive_failures: Family::default(),
+            sessions_reaped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -200,6 +203,11 @@ impl Metrics {
             "passive_failures",
             "Failures seen on live traffic (refused, reset, timeout)",
             m.passive_failures.clone(),
+        );
+        registry.register(
+            "sessions_deleted",
+            "Sessions deleted by copilot-lb (max_session_age, max_idle, admin)",
+            m.sessions_reaped.clone(),
         );
         Metrics { registry, ..m }
     }

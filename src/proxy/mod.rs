@@ -83,7 +83,7 @@ impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(cfg: Config) -> Result<Arc<Shared>, StartError> {
         let pool = Pool::new(&cfg).map_err(StartError::Backend)?;
-        let auth = Auth::from_config(&cfg.tenants);
+        let auth = Auth::from_config(&cfg.tenants, &cfg.sessions);
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(cfg)),
             auth: RwLock::new(Arc::new(auth)),
@@ -230,7 +230,7 @@ impl Shared {
             warn!("listener changes take effect only after a restart");
         }
         let (added, removed) = self.pool.replace(&cfg)?;
-        self.set_auth(Auth::from_config(&cfg.tenants));
+        self.set_auth(Auth::from_config(&cfg.tenants, &cfg.sessions));
         self.set_config(cfg);
         self.refresh_gauges();
         Ok(ReloadReport { added, removed })

@@ -257,3 +257,53 @@ def test_reload_adds_backend_without_moving_sessions(shared_ha):
             assert reply_text(ev) == echo("after bad reload")
 
     run(go())
+
+
+@pytest.fixture(scope="module")
+def hygiene(e2e_install, tmp_path_factory, request):
+    if harness.direct_mode():
+        pytest.skip("hygiene needs the proxy")
+    run_dir = tmp_path_factory.mktemp("hygiene")
+    model = harness.start_fake_model(run_dir)
+    backends = harness.start_backends(2, run_dir)
+    cfg = run_dir / "copilot-lb.yaml"
+    cfg.write_text("backends:\n" + "".join(f"  - address: {b.addr}\n" for b in backends)
+                   + "sessions:\n  max_idle: 3s\n")
+    proxy = harness.start_proxy([], run_dir, extra_args=["--config", str(cfg)])
+    cluster = harness.Cluster(run_dir=run_dir, model=model, backends=backends, proxy=proxy, direct=False)
+    request.addfinalizer(cluster.stop)
+    return cluster
+
+
+def test_idle_sessions_are_deleted_and_admin_can_delete(hygiene):
+    c = hygiene
+    idle_id, kept_id = f"idle-{NONCE}", f"admin-del-{NONCE}"
+
+    async def go():
+        async with connected(c.client_url) as client:
+            for sid in (idle_id, kept_id):
+                s = await client.create_session(session_id=sid, **session_kwargs(c))
+                await s.send_and_wait(f"hello {sid}", timeout=SEND_TIMEOUT_S)
+                await s.disconnect()
+            # The admin API deletes on demand (before the idle limit hits).
+            r = urllib.request.Request(c.proxy.admin_url + f"/api/sessions/{kept_id}", method="DELETE")
+            with urllib.request.urlopen(r, timeout=15) as resp:
+                assert json.load(resp)["deleted"] is True
+            assert kept_id not in await list_all(client)
+            deadline = time.time() + 20
+            while time.time() < deadline and placement(c, idle_id):
+                await asyncio.sleep(0.25)
+            assert placement(c, idle_id) is None, "idle session was not deleted"
+            assert idle_id not in await list_all(client)
+        for b in c.backends:
+            async with connected(b.url, fast_close=True) as direct:
+                assert idle_id not in await list_all(direct)
+        metrics = urllib.request.urlopen(c.proxy.admin_url + "/metrics", timeout=10).read().decode()
+        assert 'copilot_lb_sessions_deleted_total{reason="max_idle"} 1' in metrics, metrics[-2000:]
+        assert 'copilot_lb_sessions_deleted_total{reason="admin"} 1' in metrics
+
+    run(go())
+
+
+async def list_all(client) -> set[str]:
+    return {m.session_id for m in await client.list_sessions()}

@@ -1,0 +1,135 @@
+//! Session hygiene: the backend-services guide tells services to list sessions periodically and
+//! delete old ones, because the CLI keeps every session on local disk. copilot-lb can do it per
+//! tenant (`max_session_age`, `max_idle`; off by default), and the admin API deletes on demand.
+
+use crate::backend::Backend;
+use crate::codec::{encode_frame, FrameReader};
+use crate::envelope::{self, Kind};
+use crate::proxy::Shared;
+use crate::rpc;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+/// One request on a fresh connection of the proxy's own (not a client's link).
+pub async fn call_once(
+    b: &Backend,
+    method: &str,
+    params: &Value,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let run = async {
+        let (r, mut w) = crate::tls::dial(&b.address, b.tls.as_deref()).await?;
+        let mut reader = FrameReader::new(r, Default::default());
+        let connect = match b.token() {
+            Some(t) => json!({ "token": t }),
+            None => json!({}),
+        };
+        for (id, m, p) in [(1u64, "connect", &connect), (2, method, params)] {
+            w.write_all(&encode_frame(&rpc::request(id, m, p)))
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                let f = reader
+                    .read_frame()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("backend closed the connection")?;
+                let Ok(env) = envelope::parse(&f) else {
+                    continue;
+                };
+                if env.kind != Kind::Response || env.id_u64() != Some(id) {
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(&f).map_err(|e| e.to_string())?;
+                if id == 2 {
+                    return Ok(v);
+                }
+                if let Some(err) = v.get("error") {
+                    if err.get("code").and_then(Value::as_i64) != Some(rpc::METHOD_NOT_FOUND) {
+                        return Err(format!("connect refused: {err}"));
+                    }
+                }
+                break;
+            }
+        }
+        Err("no reply".to_string())
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| format!("{method} timed out after {timeout:?}"))?
+}
+
+/// Deletes a session on its backend and forgets it. `Ok(false)` if the proxy does not know it.
+pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<bool, String> {
+    let Some(p) = shared.sessions.get(sid) else {
+        return Ok(false);
+    };
+    let b = shared
+        .pool
+        .get(&p.backend)
+        .ok_or_else(|| format!("backend {} is no longer configured", p.backend))?;
+    let v = call_once(
+        &b,
+        "session.delete",
+        &json!({ "sessionId": sid }),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if let Some(err) = v.get("error") {
+        return Err(format!("backend {} refused: {err}", b.name));
+    }
+    shared.sessions.remove(sid, &shared.pool);
+    shared.refresh_gauges();
+    shared
+        .metrics
+        .sessions_reaped
+        .get_or_create(&crate::metrics::ReasonLabels {
+            reason: match reason {
+                "max_session_age" => "max_session_age",
+                "max_idle" => "max_idle",
+                _ => "admin",
+            },
+        })
+        .inc();
+    info!(session = %sid, backend = %b.name, owner = %p.owner, reason, "session deleted by copilot-lb");
+    Ok(true)
+}
+
+/// Every few seconds, deletes sessions past their tenant's age or idle limit.
+pub async fn reap(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let tenants = shared.auth().tenants();
+        if tenants
+            .iter()
+            .all(|t| t.max_session_age.is_none() && t.max_idle.is_none())
+        {
+            continue;
+        }
+        let now = SystemTime::now();
+        for (sid, p) in shared.sessions.snapshot() {
+            let Some(t) = tenants.iter().find(|t| t.name == p.owner) else {
+                continue;
+            };
+            let reason = if t
+                .max_session_age
+                .is_some_and(|age| now.duration_since(p.created).unwrap_or_default() > age)
+            {
+                "max_session_age"
+            } else if t.max_idle.is_some_and(|idle| p.last_seen.elapsed() > idle) {
+                "max_idle"
+            } else {
+                continue;
+            };
+            if let Err(e) = delete_session(&shared, &sid, reason).await {
+                warn!(session = %sid, error = %e, reason, "session cleanup failed; will retry");
+            }
+        }
+    }
+}
