@@ -120,10 +120,7 @@ impl Backend {
             drained_logged: std::sync::atomic::AtomicBool::new(false),
             config_drain: std::sync::atomic::AtomicBool::new(b.drain),
         })
-        .map(|b| {
-            b.set_draining(cfg_drain);
-            b
-        })
+        .inspect(|b| b.set_draining(cfg_drain))
     }
 
     /// The connection token for this CLI, if it requires one.

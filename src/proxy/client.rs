@@ -953,19 +953,18 @@ impl ClientConn {
                 break;
             }
             let tenant = self.tenant();
-            match self.shared.sessions.claim(&sid, &tenant.name, &b.name) {
-                crate::affinity::Claim::Foreign => {
-                    let m = format!("session {sid} belongs to another tenant");
-                    return self
-                        .fail(
-                            &req,
-                            rpc::SESSION_FORBIDDEN,
-                            &m,
-                            rpc::data(false, json!({"sessionId": sid})),
-                        )
-                        .await;
-                }
-                _ => {}
+            if self.shared.sessions.claim(&sid, &tenant.name, &b.name)
+                == crate::affinity::Claim::Foreign
+            {
+                let m = format!("session {sid} belongs to another tenant");
+                return self
+                    .fail(
+                        &req,
+                        rpc::SESSION_FORBIDDEN,
+                        &m,
+                        rpc::data(false, json!({"sessionId": sid})),
+                    )
+                    .await;
             }
             self.join(
                 &sid,
@@ -1311,7 +1310,7 @@ impl ClientConn {
             warn!(conn = self.id, errors = ?errors, "{} answered from a subset of backends", req.method);
         }
         let mut sessions: Vec<Value> = merged.into_values().collect();
-        sessions.sort_by(|a, b| modified(b).cmp(&modified(a)));
+        sessions.sort_by_key(|s| std::cmp::Reverse(modified(s)));
         self.shared
             .metrics
             .request(route::class_label(req.route), "ok");
