@@ -34,6 +34,8 @@ struct Joined {
     backend: String,
     /// The raw params of the last create/resume (memory only: may hold provider keys).
     params: Option<String>,
+    /// A turn was sent and no `session.idle`/`session.error` seen yet.
+    turn: bool,
 }
 
 #[derive(Default)]
@@ -533,7 +535,65 @@ impl ClientConn {
             }
         }
         self.shared.sessions.touch(&sid);
+        if matches!(
+            req.method.as_str(),
+            "session.send" | "session.sendMessages" | "session.sendAndWait"
+        ) {
+            if let Some(j) = self.lock().joined.get_mut(&sid) {
+                j.turn = true;
+            }
+        }
         self.to_session_backend(req).await;
+    }
+
+    /// Notes the end of a turn from the events passing by.
+    pub fn observe_event(&self, session: &str, body: &[u8]) {
+        if body.len() > 4096 {
+            return;
+        }
+        let ends = memchr::memmem::find(body, b"\"session.idle\"").is_some()
+            || memchr::memmem::find(body, b"\"session.error\"").is_some();
+        if ends {
+            if let Some(j) = self.lock().joined.get_mut(session) {
+                j.turn = false;
+            }
+        }
+    }
+
+    /// Tells the client, as a `session.error` event, that a turn in progress died with its
+    /// backend: an SDK waiting in `send_and_wait` fails at once instead of at its timeout.
+    async fn turns_lost(&self, backend: &str, reason: &str) {
+        let lost: Vec<String> = {
+            let mut st = self.lock();
+            st.joined
+                .iter_mut()
+                .filter(|(_, j)| j.backend == backend && j.turn)
+                .map(|(sid, j)| {
+                    j.turn = false;
+                    sid.clone()
+                })
+                .collect()
+        };
+        for sid in lost {
+            let event = json!({
+                "sessionId": sid,
+                "event": {
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "timestamp": rpc::now_rfc3339(),
+                    "parentId": null,
+                    "type": "session.error",
+                    "ephemeral": true,
+                    "data": {
+                        "errorType": "copilot_lb_backend_lost",
+                        "errorCode": "BACKEND_LOST",
+                        "message": format!("copilot-lb: the turn in progress was lost because {reason}; send again to continue (the session fails over per policy)"),
+                    }
+                }
+            });
+            let body = format!(r#"{{"jsonrpc":"2.0","method":"session.event","params":{event}}}"#);
+            warn!(conn = self.id, session = %sid, backend, "turn lost with its backend; session.error sent to the client");
+            self.send_to_client(Bytes::from(body)).await;
+        }
     }
 
     /// Sends a session-scoped request to the session's backend, failing the session over first
@@ -876,6 +936,7 @@ impl ClientConn {
                     Joined {
                         backend: backend.to_string(),
                         params,
+                        turn: false,
                     },
                 )
                 .is_none()
@@ -1104,7 +1165,12 @@ impl ClientConn {
         let me = self.clone();
         let backend = link.backend.clone();
         let reason = reason.to_string();
+        let established = matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced);
         tokio::spawn(async move {
+            if established {
+                // A refused reconnect sent nothing; only a link that carried turns loses them.
+                me.turns_lost(&backend.name, &reason).await;
+            }
             for meta in in_flight {
                 me.shared
                     .metrics

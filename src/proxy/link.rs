@@ -464,6 +464,9 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
             let method = env.method.as_deref().unwrap_or("");
             let session = env.session_id.as_deref();
             if conn.wants_notification(method, session) {
+                if let (Some(sid), "session.event") = (session, method) {
+                    conn.observe_event(sid, &body);
+                }
                 conn.send_to_client(body.clone()).await;
             }
         }

@@ -307,3 +307,45 @@ def test_idle_sessions_are_deleted_and_admin_can_delete(hygiene):
 
 async def list_all(client) -> set[str]:
     return {m.session_id for m in await client.list_sessions()}
+
+
+@pytest.fixture(scope="module")
+def slow_ha(e2e_install, tmp_path_factory, request):
+    """Shared storage, and a model that takes 1.5 s per answer (so a turn can die midway)."""
+    if harness.direct_mode():
+        pytest.skip("HA scenarios need the proxy")
+    run_dir = tmp_path_factory.mktemp("ha-slow")
+    model = harness.start_fake_model(run_dir, delay_ms=1500)
+    backends = harness.start_backends(3, run_dir, shared_state=True)
+    cfg = run_dir / "copilot-lb.yaml"
+    write_config(cfg, backends, shared=True)
+    proxy = harness.start_proxy([], run_dir, extra_args=["--config", str(cfg)])
+    cluster = harness.Cluster(run_dir=run_dir, model=model, backends=backends, proxy=proxy, direct=False)
+    request.addfinalizer(cluster.stop)
+    return cluster
+
+
+def test_turn_in_flight_when_backend_dies_fails_fast_then_continues(slow_ha):
+    c = slow_ha
+    sid = f"midturn-{NONCE}"
+
+    async def go():
+        async with connected(c.client_url) as client:
+            s = await client.create_session(session_id=sid, **session_kwargs(c))
+            ev = await s.send_and_wait("turn one", timeout=SEND_TIMEOUT_S)
+            assert reply_text(ev) == echo("turn one")
+            where = placement(c, sid)
+            pending = asyncio.ensure_future(s.send_and_wait("turn two", timeout=SEND_TIMEOUT_S))
+            await asyncio.sleep(0.7)  # the model is still "thinking"
+            c.kill_backend(index_of(c, where))
+            t0 = time.perf_counter()
+            with pytest.raises(Exception) as err:
+                await pending
+            waited = time.perf_counter() - t0
+            assert "turn in progress was lost" in str(err.value), str(err.value)
+            assert waited < 10, f"the SDK waited {waited:.1f} s for a turn that had died"
+            ev = await s.send_and_wait("turn three", timeout=SEND_TIMEOUT_S)
+            assert reply_text(ev) == echo("turn three")
+            assert placement(c, sid) != where
+
+    run(go())
