@@ -363,7 +363,10 @@ async fn session(
                             reason: "backend_oversize",
                         })
                         .inc();
-                    warn!(backend = %backend.name, error = %e, "dropping oversized frame from backend");
+                    warn!(backend = %backend.name, error = %e, "oversized frame from backend discarded");
+                    if let crate::codec::CodecError::FrameTooLarge { len, limit, head } = e {
+                        oversized_reply(link, conn, len, limit, &head).await;
+                    }
                 }
                 Err(e) => return LinkEnd::Broken(e.to_string()),
             }
@@ -423,6 +426,47 @@ async fn handshake(
             *backend.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
         }
         return Ok(());
+    }
+}
+
+/// A backend frame over the limit was skipped. If it was a reply, whoever waits for it gets an
+/// error instead of waiting forever.
+async fn oversized_reply(
+    link: &Arc<Link>,
+    conn: &Arc<ClientConn>,
+    len: usize,
+    limit: usize,
+    head: &[u8],
+) {
+    // A reply starts with jsonrpc and id, not method: only then is the sniffed id a reply id.
+    if memchr::memmem::find(&head[..head.len().min(256)], b"\"method\"").is_some() {
+        return;
+    }
+    let Some(pid) = envelope::sniff_id(head).and_then(|t| t.parse::<u64>().ok()) else {
+        return;
+    };
+    let pending = link.lock().pending.remove(&pid);
+    let msg = format!("the backend's reply of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes) and was discarded");
+    match pending {
+        Some(Pending::Client(meta)) => {
+            conn.shared
+                .metrics
+                .request(crate::route::class_label(meta.route), "proxy_error");
+            let body = rpc::error(
+                meta.id.get(),
+                rpc::FRAME_TOO_LARGE,
+                &msg,
+                Some(rpc::data(
+                    false,
+                    serde_json::json!({"limit": limit, "length": len, "backend": link.backend.name}),
+                )),
+            );
+            conn.send_to_client(Bytes::from(body)).await;
+        }
+        Some(Pending::Internal(tx)) => {
+            let _ = tx.send(Err(msg));
+        }
+        None => {}
     }
 }
 
