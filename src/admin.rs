@@ -32,6 +32,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
+                    if let Err(resp) = authorize(&shared, &req) {
+                        return Ok::<_, Infallible>(resp);
+                    }
                     let resp = match delete_target(&req) {
                         Some(sid) => delete(&shared, &sid).await,
                         None => handle(&shared, req),
@@ -103,6 +106,45 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<usize> {
     })
 }
 
+/// Mutating routes need `Authorization: Bearer <token>` when `admin.token_env` is set.
+#[allow(clippy::result_large_err)]
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    if req.method() == Method::GET {
+        return Ok(());
+    }
+    let Some(var) = shared
+        .config()
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_env.clone())
+    else {
+        return Ok(());
+    };
+    let want = std::env::var(&var).unwrap_or_default();
+    let got = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = !want.is_empty()
+        && want.len() == got.len()
+        && want
+            .bytes()
+            .zip(got.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        warn!(path = %req.uri().path(), "admin request refused: missing or wrong bearer token");
+        Err(json_resp(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "this admin route needs Authorization: Bearer <admin token>"}),
+        ))
+    }
+}
+
 fn delete_target(req: &Request<Incoming>) -> Option<String> {
     if req.method() != Method::DELETE {
         return None;
@@ -131,16 +173,29 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         (&Method::GET, ["readyz"]) => {
+            // Up and confirmed by a probe: backends start optimistic for routing, but a new
+            // replica should not take traffic before any backend answered.
             let up = shared
                 .pool
                 .all()
                 .iter()
-                .filter(|b| b.state() == crate::backend::State::Up)
+                .filter(|b| b.state() == crate::backend::State::Up && b.confirmed())
                 .count();
+            let sidecar_only = shared
+                .config()
+                .listeners
+                .iter()
+                .all(|l| l.mode == crate::config::ListenerMode::Tcp);
             if shared.stop_accepting.is_cancelled() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: shutting down\n".into(),
+                    "text/plain",
+                )
+            } else if sidecar_only {
+                text(
+                    StatusCode::OK,
+                    "ready: sidecar listening\n".into(),
                     "text/plain",
                 )
             } else if up > 0 {
@@ -152,7 +207,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no backend up\n".into(),
+                    "not ready: no backend confirmed up by a health probe\n".into(),
                     "text/plain",
                 )
             }

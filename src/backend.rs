@@ -137,6 +137,15 @@ impl Backend {
         }
     }
 
+    /// Whether the latest health observation was a success.
+    pub fn confirmed(&self) -> bool {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .back()
+            .is_some_and(|c| c.ok)
+    }
+
     /// Whether health checks consider it reachable.
     pub fn healthy(&self) -> bool {
         State::from_u8(self.health.load(Ordering::Acquire)) != State::Down

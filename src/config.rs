@@ -290,6 +290,10 @@ pub struct ListenerConfig {
 pub struct AdminConfig {
     /// `host:port`; loopback by default in the examples.
     pub listen: Spanned<String>,
+    /// Environment variable holding a bearer token required by the mutating routes
+    /// (drain, undrain, reload, delete). Reads (health, metrics, lists) stay open for probes.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 /// One Copilot CLI backend.
@@ -549,8 +553,10 @@ impl Config {
                 .collect();
         }
         if let Some(a) = &o.admin {
+            let token_env = self.admin.take().and_then(|a| a.token_env);
             self.admin = Some(AdminConfig {
                 listen: spanned(a.clone()),
+                token_env,
             });
         }
         self.validate(origin)?;
