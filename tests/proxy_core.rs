@@ -692,7 +692,16 @@ async fn fake_cli_speaks_the_cli_protocol() {
         fake.stall(false);
         fake.kill();
         assert!(c.closed_within(Duration::from_secs(2)).await);
-        assert!(tokio::net::TcpStream::connect(fake.addr()).await.is_err());
+        // The listener closes when the acceptor task sees the kill: poll, bounded.
+        let mut refused = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(fake.addr()).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused, "a killed fake still accepts connections");
         fake.restart().await.unwrap();
         let mut c = Client::connect(fake.addr()).await;
         let f = c.call("connect", json!({"token": "sekret"})).await;
