@@ -1,0 +1,253 @@
+//! Operations over real sockets: graceful shutdown, secrets kept out of logs/metrics/admin
+//! output, TLS towards backends, and the admin API.
+
+mod common;
+
+use common::{config, fakes, proxy, within, Client};
+use copilot_lb::config::Config;
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn sigterm_drain_closes_idle_first_and_lets_in_flight_finish() {
+    within(Duration::from_secs(30), async {
+        let f = fakes(1, false).await;
+        let (running, addr) = proxy(config(&[f[0].addr()])).await;
+        let mut idle = Client::connected(addr).await;
+        let mut busy = Client::connected(addr).await;
+        busy.ok("session.create", json!({"sessionId": "s"})).await;
+        busy.send_request("77", "test.sleep", &json!({"ms": 800}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let shared = running.shared.clone();
+        let t0 = Instant::now();
+        let drain = tokio::spawn(async move { copilot_lb::app::graceful_shutdown(&shared).await });
+        assert!(
+            idle.closed_within(Duration::from_secs(2)).await,
+            "idle connection not closed first"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(700),
+            "idle close waited for the busy one"
+        );
+        let r = busy.response("77").await;
+        assert!(
+            r.json.get("result").is_some(),
+            "in-flight request was cut: {}",
+            r.text()
+        );
+        assert!(busy.closed_within(Duration::from_secs(3)).await);
+        drain.await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err()
+                || Client::connect(addr)
+                    .await
+                    .closed_within(Duration::from_secs(1))
+                    .await,
+            "new connections accepted after shutdown"
+        );
+    })
+    .await;
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_metrics_or_admin_output() {
+    let f = fakes(1, false).await;
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("lb.yaml");
+    let tenant_token = "tenant-token-SECRET-1";
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{listen: 127.0.0.1:{listen_port}}}]\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nbackends: [{{address: {}}}]\ntenants:\n  - name: t\n    token_hashes: [\"{}\"]\nlog: {{format: json}}\n",
+            f[0].addr(),
+            copilot_lb::auth::hash_token(tenant_token)
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if TcpStream::connect(addr).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "proxy did not start");
+    let secrets = [
+        "sk-API-KEY-SECRET-2",
+        "ghp_GITHUB-TOKEN-SECRET-3",
+        "bearer-SECRET-4",
+        tenant_token,
+    ];
+    within(Duration::from_secs(20), async {
+        let mut c = Client::connect(addr).await;
+        c.ok("connect", json!({"token": tenant_token})).await;
+        c.ok(
+            "session.create",
+            json!({"sessionId": "sec-1", "gitHubToken": secrets[1],
+                   "provider": {"type": "openai", "baseUrl": "http://127.0.0.1:9/v1", "apiKey": secrets[0], "bearerToken": secrets[2]}}),
+        )
+        .await;
+        c.ok("session.send", json!({"sessionId": "sec-1", "prompt": "hello"})).await;
+        c.ok("session.resume", json!({"sessionId": "sec-1", "provider": {"apiKey": secrets[0]}})).await;
+        let bad = c.call("connect", json!({"token": "wrong-SECRET-5"})).await;
+        assert_eq!(bad.error_code(), Some(-32002));
+    })
+    .await;
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut outputs = vec![];
+    for p in ["/metrics", "/api/sessions", "/api/backends"] {
+        outputs.push(http(admin, "GET", p));
+    }
+    assert!(
+        outputs[1].contains("sec-1"),
+        "admin should list the session: {}",
+        outputs[1]
+    );
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let log = lines.join().unwrap();
+    assert!(
+        log.contains("session created"),
+        "trace log looks empty:\n{log}"
+    );
+    for s in secrets.iter().chain(["wrong-SECRET-5"].iter()) {
+        assert!(!log.contains(s), "secret {s} leaked into the log");
+        for o in &outputs {
+            assert!(!o.contains(s), "secret {s} leaked into admin output");
+        }
+    }
+}
+
+#[tokio::test]
+async fn backends_can_be_reached_over_tls() {
+    within(Duration::from_secs(30), async {
+        // A TLS-terminating copilot-lb stands in for a CLI behind TLS.
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["cli.internal".to_string()]).unwrap();
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let cert = p.self_signed(&key).unwrap();
+        let (c, k) = (dir.path().join("cli.crt"), dir.path().join("cli.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let f = fakes(1, false).await;
+        let inner = Config::from_yaml(
+            &format!(
+                "listeners: [{{listen: 127.0.0.1:0, tls: {{cert: {}, key: {}}}}}]\nbackends: [{{address: {}}}]\n",
+                c.display(),
+                k.display(),
+                f[0].addr()
+            ),
+            "tls-backend",
+        )
+        .unwrap();
+        let (_inner, inner_addr) = proxy(inner).await;
+        let outer = Config::from_yaml(
+            &format!(
+                "listeners: [{{listen: 127.0.0.1:0}}]\nbackends: [{{address: {inner_addr}, tls: {{ca: {}, server_name: cli.internal}}}}]\n",
+                c.display()
+            ),
+            "outer",
+        )
+        .unwrap();
+        let (_outer, addr) = proxy(outer).await;
+        let mut client = Client::connected(addr).await;
+        client.ok("session.create", json!({"sessionId": "over-tls"})).await;
+        let r = client.ok("session.send", json!({"sessionId": "over-tls", "prompt": "x"})).await;
+        assert!(r.get("messageId").is_some(), "{r}");
+        assert_eq!(f[0].requests("session.send"), 1);
+        // Wrong CA: the link fails and the client gets a retryable error, not a hang.
+        let bad = Config::from_yaml(
+            &format!(
+                "listeners: [{{listen: 127.0.0.1:0}}]\nbackends: [{{address: {inner_addr}, tls: {{ca: {}, server_name: wrong.name}}}}]\nhealth: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}\nsessions: {{detect_timeout: 1s}}\n",
+                c.display()
+            ),
+            "bad",
+        )
+        .unwrap();
+        let (_bad, bad_addr) = proxy(bad).await;
+        let mut client = Client::connected(bad_addr).await;
+        let r = client.call("session.create", json!({"sessionId": "nope"})).await;
+        assert!(r.error_code().is_some(), "{}", r.text());
+    })
+    .await;
+}
+
+// Multi-threaded: the test's blocking HTTP calls must not starve the in-process admin server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_drains_lists_and_guards_mutations() {
+    within(Duration::from_secs(30), async {
+        let f = fakes(2, false).await;
+        let mut cfg = config(&[f[0].addr(), f[1].addr()]);
+        std::env::set_var("OPS_TEST_ADMIN_TOKEN", "adm-tok");
+        cfg.admin.as_mut().unwrap().token_env = Some("OPS_TEST_ADMIN_TOKEN".into());
+        let (running, addr) = proxy(cfg).await;
+        let admin = running.admin_addr.unwrap();
+        let name = f[0].addr().to_string();
+        let denied = http(admin, "POST", &format!("/api/backends/{name}/drain"));
+        assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "POST /api/backends/{name}/drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm-tok\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut ok = String::new();
+        let _ = s.read_to_string(&mut ok);
+        assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("\"draining\": true"), "{ok}");
+        let mut c = Client::connected(addr).await;
+        for i in 0..10 {
+            c.ok("session.create", json!({"sessionId": format!("d{i}")})).await;
+        }
+        assert_eq!(f[0].sessions_live().len(), 0, "drained backend got new sessions");
+        let sessions = http(admin, "GET", "/api/sessions?offset=0&limit=3");
+        assert!(sessions.contains("\"total\": 10") && sessions.contains("\"limit\": 3"), "{sessions}");
+        let ready = http(admin, "GET", "/readyz");
+        assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+        let metrics = http(admin, "GET", "/metrics");
+        assert!(metrics.contains("copilot_lb_requests_total{class=\"create\",result=\"ok\"} 10"), "{metrics}");
+    })
+    .await;
+}
