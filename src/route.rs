@@ -116,11 +116,41 @@ const MULTI_SESSION: &[&str] = &[
     "sessions.getLastForContext",
     "sessions.getSizes",
     "sessions.list",
-    "sessions.transferRemoteControl",
-    "sessions.stopRemoteControl",
-    "sessions.open",
     "session.getForeground",
 ];
+
+/// Methods whose session id is not at `params.sessionId` (copilot-protocol.md §3.4).
+pub const SPECIAL_SESSION_FIELDS: &[&str] = &[
+    "sessions.open",
+    "sessions.transferRemoteControl",
+    "sessions.stopRemoteControl",
+];
+
+/// Finds the session id of a [`SPECIAL_SESSION_FIELDS`] method and its route.
+pub fn special(method: &str, params: &serde_json::Value) -> Result<(String, Route), String> {
+    let s = |v: Option<&serde_json::Value>| v.and_then(|x| x.as_str()).map(str::to_string);
+    match method {
+        "sessions.open" => match params.get("kind").and_then(|k| k.as_str()) {
+            Some("create") => s(params.pointer("/options/sessionId"))
+                .map(|id| (id, Route::Create))
+                .ok_or_else(|| "sessions.open {kind: create} through copilot-lb needs options.sessionId (the proxy routes by it)".to_string()),
+            Some("resume" | "attach") => s(params.get("sessionId"))
+                .map(|id| (id, Route::Resume))
+                .ok_or_else(|| "sessions.open needs sessionId".to_string()),
+            Some(k) => Err(format!(
+                "sessions.open {{kind: {k}}} picks a session on one CLI server by itself, which copilot-lb cannot route; open it by id (kind resume or attach)"
+            )),
+            None => Err("sessions.open needs kind".into()),
+        },
+        "sessions.transferRemoteControl" => s(params.get("toSessionId"))
+            .map(|id| (id, Route::Session))
+            .ok_or_else(|| "sessions.transferRemoteControl needs toSessionId".into()),
+        "sessions.stopRemoteControl" => s(params.get("expectedSessionId"))
+            .map(|id| (id, Route::Session))
+            .ok_or_else(|| "sessions.stopRemoteControl through copilot-lb needs expectedSessionId (the proxy routes by it)".into()),
+        _ => Err(format!("{method} has no special session field")),
+    }
+}
 
 /// Decides the route for a client request.
 pub fn classify(method: &str, has_session_id: bool) -> Route {
@@ -199,5 +229,29 @@ mod tests {
             Route::Denied(Denial::ProcessConfig)
         );
         assert_eq!(classify("session.detach", true), Route::Detach);
+        use serde_json::json;
+        assert_eq!(
+            special(
+                "sessions.open",
+                &json!({"kind": "create", "options": {"sessionId": "a"}})
+            ),
+            Ok(("a".into(), Route::Create))
+        );
+        assert_eq!(
+            special(
+                "sessions.open",
+                &json!({"kind": "attach", "sessionId": "b"})
+            ),
+            Ok(("b".into(), Route::Resume))
+        );
+        assert!(special("sessions.open", &json!({"kind": "resumeLast"})).is_err());
+        assert_eq!(
+            special(
+                "sessions.transferRemoteControl",
+                &json!({"toSessionId": "c"})
+            ),
+            Ok(("c".into(), Route::Session))
+        );
+        assert!(special("sessions.stopRemoteControl", &json!({})).is_err());
     }
 }

@@ -251,3 +251,59 @@ async fn admin_api_drains_lists_and_guards_mutations() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn special_session_fields_route_to_the_sessions_backend() {
+    within(Duration::from_secs(30), async {
+        let f = fakes(3, false).await;
+        let (_r, addr) = proxy(config(&[f[0].addr(), f[1].addr(), f[2].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        for i in 0..6 {
+            c.ok("session.create", json!({"sessionId": format!("sp{i}")}))
+                .await;
+        }
+        for i in 0..6 {
+            let sid = format!("sp{i}");
+            let home = f
+                .iter()
+                .position(|x| x.sessions_live().contains(&sid))
+                .unwrap();
+            let before: Vec<u64> = f
+                .iter()
+                .map(|x| x.requests("sessions.transferRemoteControl"))
+                .collect();
+            let r = c
+                .call(
+                    "sessions.transferRemoteControl",
+                    json!({"toSessionId": sid}),
+                )
+                .await;
+            assert_eq!(
+                r.error_code(),
+                Some(-32601),
+                "the fake does not implement it: {}",
+                r.text()
+            );
+            for (j, x) in f.iter().enumerate() {
+                let want = before[j] + u64::from(j == home);
+                assert_eq!(
+                    x.requests("sessions.transferRemoteControl"),
+                    want,
+                    "routed to the wrong backend"
+                );
+            }
+            let opened = f[home].requests("sessions.open");
+            let r = c
+                .call("sessions.open", json!({"kind": "attach", "sessionId": sid}))
+                .await;
+            assert!(r.text().contains("Unhandled method"), "{}", r.text());
+            assert_eq!(f[home].requests("sessions.open"), opened + 1);
+        }
+        let r = c.call("sessions.open", json!({"kind": "resumeLast"})).await;
+        assert_eq!(r.error_code(), Some(-32601));
+        assert!(r.text().contains("cannot route"), "{}", r.text());
+        let total: u64 = f.iter().map(|x| x.requests("sessions.open")).sum();
+        assert_eq!(total, 6, "a refused sessions.open reached a backend");
+    })
+    .await;
+}

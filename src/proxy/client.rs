@@ -318,7 +318,34 @@ impl ClientConn {
                 let session = env.session_id.as_deref().map(str::to_string);
                 let params_ok = env.params_is_object;
                 drop(env);
-                let route = route::classify(&method, session.is_some());
+                let mut session = session;
+                let mut route = route::classify(&method, session.is_some());
+                if route::SPECIAL_SESSION_FIELDS.contains(&method.as_str()) {
+                    let params: Value = envelope::raw_params(&body)
+                        .and_then(|p| serde_json::from_str(p).ok())
+                        .unwrap_or(Value::Null);
+                    match route::special(&method, &params) {
+                        Ok((sid, r)) => {
+                            session = Some(sid);
+                            route = r;
+                        }
+                        Err(why) => {
+                            self.shared.metrics.request("denied", "proxy_error");
+                            let id = envelope::parse(&body)
+                                .ok()
+                                .and_then(|e| e.id.map(|r| r.get().to_string()))
+                                .unwrap_or_else(|| "null".into());
+                            return self
+                                .reply_error(
+                                    &id,
+                                    rpc::METHOD_NOT_FOUND,
+                                    &why,
+                                    Some(rpc::data(false, json!({"method": method}))),
+                                )
+                                .await;
+                        }
+                    }
+                }
                 let req = ClientReq {
                     body,
                     id,
