@@ -222,7 +222,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, limits: Limits) -> Self {
         FrameReader {
             inner,
-            buf: BytesMut::with_capacity(16 * 1024),
+            // Grown on demand: an idle connection should hold a few KiB, not a big buffer.
+            buf: BytesMut::new(),
             limits,
             after_read: None,
         }
@@ -270,15 +271,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                     self.buf.advance(header_len);
                     let body = self.buf.split_to(body_len).freeze();
-                    if self.buf.capacity() > 4 * 1024 * 1024 && self.buf.is_empty() {
-                        // Do not pin a huge allocation to an idle connection.
-                        self.buf = BytesMut::with_capacity(16 * 1024);
+                    if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+                        // Do not pin a big frame's allocation to a connection that goes idle.
+                        self.buf = BytesMut::new();
                     }
                     return Ok(Some(body));
                 }
                 HeaderScan::Incomplete => {
-                    if self.buf.capacity() - self.buf.len() < 4096 {
-                        self.buf.reserve(16 * 1024);
+                    if self.buf.capacity() - self.buf.len() < 1024 {
+                        self.buf.reserve(self.buf.len().max(4096));
                     }
                     if self.fill().await? == 0 {
                         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {

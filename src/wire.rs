@@ -48,7 +48,7 @@ where
     W: AsyncWrite + Unpin,
     F: FnMut(T) -> Option<Bytes>,
 {
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut buf: Vec<u8> = Vec::new();
     while let Some(item) = rx.recv().await {
         let Some(body) = prepare(item) else { continue };
         if body.len() > COPY_LIMIT {
@@ -82,8 +82,10 @@ where
         if !buf.is_empty() {
             w.write_all(&buf).await?;
         }
-        if buf.capacity() > 1024 * 1024 {
-            buf = Vec::with_capacity(16 * 1024);
+        // Keep the buffer while frames keep coming; release it when the queue runs dry so an
+        // idle connection costs little memory.
+        if rx.is_empty() && buf.capacity() > 4096 {
+            buf = Vec::new();
         }
     }
     w.shutdown().await.ok();
