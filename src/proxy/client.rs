@@ -535,14 +535,7 @@ impl ClientConn {
             None => tenant.may_claim(sid),
         };
         if !ok {
-            let m = format!("session {sid} does not exist or belongs to another tenant");
-            self.fail(
-                req,
-                rpc::SESSION_FORBIDDEN,
-                &m,
-                rpc::data(false, json!({"sessionId": sid})),
-            )
-            .await;
+            self.foreign(req, sid).await;
         }
         ok
     }
@@ -932,25 +925,34 @@ impl ClientConn {
                 None => return self.no_backend(req).await,
             },
             crate::affinity::Claim::Foreign => {
-                let m = format!("session {sid} belongs to another tenant");
-                return self
-                    .fail(
-                        &req,
-                        rpc::SESSION_FORBIDDEN,
-                        &m,
-                        rpc::data(false, json!({"sessionId": sid})),
-                    )
-                    .await;
+                return self.foreign(&req, &sid).await;
             }
         };
         // Installed before forwarding: the CLI may call back (sessionFs, hooks) or announce the
         // session (lifecycle) before it replies.
+        self.join_as(&sid, &backend.name, &req);
+        self.forward(backend, req).await;
+    }
+
+    /// Answers a call on a session owned by another tenant.
+    async fn foreign(&self, req: &ClientReq, sid: &str) {
+        let m = format!("session {sid} does not exist or belongs to another tenant");
+        self.fail(
+            req,
+            rpc::SESSION_FORBIDDEN,
+            &m,
+            rpc::data(false, json!({"sessionId": sid})),
+        )
+        .await;
+    }
+
+    /// Joins with the request's own params remembered for a later re-resume.
+    fn join_as(&self, sid: &str, backend: &str, req: &ClientReq) {
         self.join(
-            &sid,
-            &backend.name,
+            sid,
+            backend,
             envelope::raw_params(&req.body).map(str::to_string),
         );
-        self.forward(backend, req).await;
     }
 
     fn join(&self, sid: &str, backend: &str, params: Option<String>) {
@@ -998,11 +1000,7 @@ impl ClientConn {
                 .filter(|b| b.state() != State::Down)
                 .map(|b| b.name.clone())
                 .unwrap_or(p.backend);
-            self.join(
-                &sid,
-                &here,
-                envelope::raw_params(&req.body).map(str::to_string),
-            );
+            self.join_as(&sid, &here, &req);
             return self.to_session_backend(req).await;
         }
         // Unknown to this proxy (restarted, or created elsewhere): ask backends in the
@@ -1044,21 +1042,9 @@ impl ClientConn {
             if self.shared.sessions.claim(&sid, &tenant.name, &b.name)
                 == crate::affinity::Claim::Foreign
             {
-                let m = format!("session {sid} belongs to another tenant");
-                return self
-                    .fail(
-                        &req,
-                        rpc::SESSION_FORBIDDEN,
-                        &m,
-                        rpc::data(false, json!({"sessionId": sid})),
-                    )
-                    .await;
+                return self.foreign(&req, &sid).await;
             }
-            self.join(
-                &sid,
-                &b.name,
-                envelope::raw_params(&req.body).map(str::to_string),
-            );
+            self.join_as(&sid, &b.name, &req);
             self.deliver(&req, &reply, true).await;
             return;
         }
