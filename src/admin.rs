@@ -88,6 +88,7 @@ fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
         "max_sessions": b.max_sessions,
         "live_sessions": live,
         "links": b.links.load(Ordering::Relaxed),
+        "connections": b.links.load(Ordering::Relaxed),
         "version": b.version.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         "consecutive_failures": b.fails.load(Ordering::Relaxed),
         "consecutive_successes": b.oks.load(Ordering::Relaxed),
