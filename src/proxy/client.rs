@@ -381,10 +381,20 @@ impl ClientConn {
                             );
                         }
                     }
-                    None => warn!(
-                        conn = self.id,
-                        "client sent a response to an unknown request id; dropped"
-                    ),
+                    None => {
+                        // Debug, not warn: a misbehaving client must not be able to flood logs.
+                        self.shared
+                            .metrics
+                            .bad_frames
+                            .get_or_create(&crate::metrics::ReasonLabels {
+                                reason: "unknown_response",
+                            })
+                            .inc();
+                        debug!(
+                            conn = self.id,
+                            "client sent a response to an unknown request id; dropped"
+                        );
+                    }
                 }
             }
             Kind::Notification => {
