@@ -88,6 +88,7 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
         w.write_all(&encode_frame(&rpc::request(1, "connect", &params)))
             .await
             .map_err(|e| format!("write: {e}"))?;
+        w.flush().await.map_err(|e| format!("write: {e}"))?;
         let v = await_reply(&mut reader, 1).await?;
         if let Some(err) = v.get("error") {
             if err.get("code").and_then(Value::as_i64) != Some(rpc::METHOD_NOT_FOUND) {
@@ -104,6 +105,7 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
         )))
         .await
         .map_err(|e| format!("write: {e}"))?;
+        w.flush().await.map_err(|e| format!("write: {e}"))?;
         let v = await_reply(&mut reader, 2).await?;
         if let Some(err) = v.get("error") {
             return Err(format!("ping failed: {err}"));

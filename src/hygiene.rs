@@ -31,6 +31,7 @@ pub async fn call_once(
             w.write_all(&encode_frame(&rpc::request(id, m, p)))
                 .await
                 .map_err(|e| e.to_string())?;
+            w.flush().await.map_err(|e| e.to_string())?;
             loop {
                 let f = reader
                     .read_frame()

@@ -53,6 +53,7 @@ where
         let Some(body) = prepare(item) else { continue };
         if body.len() > COPY_LIMIT {
             write_big(&mut w, &body).await?;
+            w.flush().await?;
             continue;
         }
         buf.clear();
@@ -82,6 +83,9 @@ where
         if !buf.is_empty() {
             w.write_all(&buf).await?;
         }
+        // A TLS stream may hold encrypted records until flushed; with nothing written after
+        // the last frame they would sit there forever (a no-op on plain TCP).
+        w.flush().await?;
         // Keep the buffer while frames keep coming; release it when the queue runs dry so an
         // idle connection costs little memory.
         if rx.is_empty() && buf.capacity() > 4096 {

@@ -400,6 +400,7 @@ async fn handshake(
     w.write_all(&crate::codec::encode_frame(&body))
         .await
         .map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())?;
     loop {
         let frame = reader
             .read_frame()
