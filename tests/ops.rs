@@ -307,3 +307,44 @@ async fn special_session_fields_route_to_the_sessions_backend() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_pin_its_connection() {
+    within(Duration::from_secs(30), async {
+        use tokio::io::AsyncWriteExt;
+        let f = fakes(1, false).await;
+        let (running, addr) = proxy(config(&[f[0].addr()])).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut wire = Vec::new();
+        for (id, m, p) in [
+            (1, "session.create", json!({"sessionId": "flood"})),
+            (
+                2,
+                "test.stream",
+                json!({"sessionId": "flood", "count": 2000, "size": 65536}),
+            ),
+        ] {
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": m, "params": p}).to_string();
+            wire.extend(copilot_lb::codec::encode_frame(body.as_bytes()));
+        }
+        s.write_all(&wire).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Half-close and never read the ~128 MiB of events queued for us.
+        s.shutdown().await.unwrap();
+        let gone = common::eventually(Duration::from_secs(15), || {
+            running
+                .shared
+                .metrics
+                .render()
+                .contains("copilot_lb_connections_active 0")
+        })
+        .await;
+        assert!(gone, "the connection stayed pinned by its blocked writer");
+        assert!(
+            common::eventually(Duration::from_secs(5), || f[0].connections() == 0).await,
+            "its upstream link stayed open"
+        );
+        drop(s);
+    })
+    .await;
+}

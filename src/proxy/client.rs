@@ -187,7 +187,19 @@ async fn run<R, W>(
     let summary = conn.close();
     shared.conns.remove(&id);
     drop(conn);
-    let _ = writer.await;
+    // A client that stopped reading could block its writer forever; give queued replies a
+    // bounded chance to drain, then drop the socket.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+        debug!(
+            conn = id,
+            "client did not read its last replies; connection dropped"
+        );
+    }
     shared.metrics.connections_active.dec();
     info!(conn = id, %peer, duration_ms = started.elapsed().as_millis() as u64, requests = summary.0, sessions = summary.1, "client connection closed");
 }
