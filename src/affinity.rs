@@ -109,11 +109,20 @@ impl SessionTable {
         }
     }
 
-    /// Refreshes last-seen.
-    pub fn touch(&self, id: &str) {
-        if let Some(mut p) = self.map.get_mut(id) {
+    /// Whether `tenant` owns the session (`None`: unknown); a match also refreshes last-seen,
+    /// so a routed request costs one lookup here.
+    pub fn owned_by_touch(&self, id: &str, tenant: &str) -> Option<bool> {
+        let mut p = self.map.get_mut(id)?;
+        let mine = p.owner == tenant;
+        if mine {
             p.last_seen = Instant::now();
         }
+        Some(mine)
+    }
+
+    /// Whether `tenant` owns the session (`None`: unknown).
+    pub fn owned_by(&self, id: &str, tenant: &str) -> Option<bool> {
+        self.map.get(id).map(|p| p.owner == tenant)
     }
 
     /// Forgets a session (deleted, or a create that failed).
@@ -146,6 +155,14 @@ impl SessionTable {
         Some(p.backend.clone())
     }
 
+    /// Live sessions owned by `owner` (counted in place, nothing copied).
+    pub fn live_owned_by(&self, owner: &str) -> u64 {
+        self.map
+            .iter()
+            .filter(|e| e.owner == owner && e.live_conns > 0)
+            .count() as u64
+    }
+
     /// A snapshot of every entry, for the admin API and listing.
     pub fn snapshot(&self) -> Vec<(String, Placement)> {
         let mut v: Vec<_> = self
@@ -155,11 +172,6 @@ impl SessionTable {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
-    }
-
-    /// Owner of a session, if known.
-    pub fn owner(&self, id: &str) -> Option<String> {
-        self.map.get(id).map(|p| p.owner.clone())
     }
 }
 

@@ -272,3 +272,87 @@ impl Pool {
         Ok((added, removed))
     }
 }
+
+/// Sends one request on a connection of the proxy's own and waits for the reply with that id,
+/// skipping anything else the backend sends meanwhile.
+pub async fn request(
+    reader: &mut crate::codec::FrameReader<crate::tls::BoxRead>,
+    w: &mut crate::tls::BoxWrite,
+    id: u64,
+    method: &str,
+    params: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use tokio::io::AsyncWriteExt;
+    let frame = crate::codec::encode_frame(&crate::rpc::request(id, method, params));
+    w.write_all(&frame)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    // A TLS stream may hold the records until flushed.
+    w.flush().await.map_err(|e| format!("write: {e}"))?;
+    loop {
+        let f = reader
+            .read_frame()
+            .await
+            .map_err(|e| format!("read: {e}"))?
+            .ok_or("backend closed the connection")?;
+        let Ok(env) = crate::envelope::parse(&f) else {
+            continue;
+        };
+        if env.kind == crate::envelope::Kind::Response && env.id_u64() == Some(id) {
+            return serde_json::from_slice(&f).map_err(|e| e.to_string());
+        }
+    }
+}
+
+impl Backend {
+    /// The proxy's own `connect` on a fresh connection, with this backend's token (never a
+    /// client's). It must complete before anything else: a CLI with a token answers earlier
+    /// requests with AUTHENTICATION_REQUIRED, and it serves requests concurrently.
+    pub async fn handshake(
+        &self,
+        reader: &mut crate::codec::FrameReader<crate::tls::BoxRead>,
+        w: &mut crate::tls::BoxWrite,
+        telemetry: bool,
+    ) -> Result<(), String> {
+        use serde_json::Value;
+        let mut params = serde_json::Map::new();
+        if let Some(t) = self.token() {
+            params.insert("token".into(), Value::String(t.to_string()));
+        }
+        if telemetry {
+            params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));
+        }
+        let v = request(reader, w, 0, "connect", &Value::Object(params)).await?;
+        if let Some(err) = v.get("error") {
+            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+            if code == crate::rpc::METHOD_NOT_FOUND {
+                // A legacy CLI without `connect`: accepted, as the SDKs do.
+                return Ok(());
+            }
+            let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+            return Err(format!("backend refused the proxy's connect: {code} {msg}"));
+        }
+        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
+            *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
+        }
+        Ok(())
+    }
+
+    /// Dials this backend (TLS if configured) and performs the proxy's `connect`.
+    pub async fn open(
+        &self,
+    ) -> Result<
+        (
+            crate::codec::FrameReader<crate::tls::BoxRead>,
+            crate::tls::BoxWrite,
+        ),
+        String,
+    > {
+        let (r, mut w) = crate::tls::dial(&self.address, self.tls.as_deref())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut reader = crate::codec::FrameReader::new(r, Default::default());
+        self.handshake(&mut reader, &mut w, false).await?;
+        Ok((reader, w))
+    }
+}

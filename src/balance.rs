@@ -125,14 +125,9 @@ mod tests {
     #[test]
     fn known_vector_is_stable() {
         // Pinned so a change of hash (which would split replicas) fails loudly.
-        assert_eq!(
-            pair_hash("cli-1", "session-1"),
-            pair_hash("cli-1", "session-1")
-        );
+        assert_eq!(pair_hash("cli-1", "session-1"), 14_950_458_250_423_803_895);
         let r = rank("session-1", [("a", 1.0), ("b", 1.0), ("c", 1.0)]);
-        assert_eq!(r.len(), 3);
-        let again = rank("session-1", [("a", 1.0), ("b", 1.0), ("c", 1.0)]);
-        assert_eq!(r, again);
+        assert_eq!(r, vec![2, 1, 0]);
     }
 
     #[test]

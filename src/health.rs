@@ -3,18 +3,14 @@
 //! failed probe never moves a session.
 
 use crate::backend::{Backend, Check};
-use crate::codec::{encode_frame, FrameReader};
-use crate::envelope::{self, Kind};
 use crate::metrics::{BackendLabels, TransitionLabels};
 use crate::proxy::Shared;
-use crate::rpc;
 use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -71,70 +67,28 @@ pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool
     changed
 }
 
-/// One active probe: connect, `connect` with the backend's token, `ping`.
+/// One active probe: TCP (or TLS) connect, `connect` with the backend's token, `ping`.
 pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
     let start = Instant::now();
     let run = async {
-        let (r, mut w) = crate::tls::dial(&b.address, b.tls.as_deref())
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut reader = FrameReader::new(r, Default::default());
-        let params = match b.token() {
-            Some(t) => json!({ "token": t }),
-            None => json!({}),
-        };
-        // Sequential: a CLI with a token answers anything before `connect` completes with
-        // AUTHENTICATION_REQUIRED, and it serves requests concurrently.
-        w.write_all(&encode_frame(&rpc::request(1, "connect", &params)))
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        w.flush().await.map_err(|e| format!("write: {e}"))?;
-        let v = await_reply(&mut reader, 1).await?;
-        if let Some(err) = v.get("error") {
-            if err.get("code").and_then(Value::as_i64) != Some(rpc::METHOD_NOT_FOUND) {
-                return Err(format!("connect failed: {err}"));
-            }
-        }
-        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
-            *b.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
-        }
-        w.write_all(&encode_frame(&rpc::request(
-            2,
+        let (mut reader, mut w) = b.open().await?;
+        let v = crate::backend::request(
+            &mut reader,
+            &mut w,
+            1,
             "ping",
             &json!({"message": "copilot-lb health"}),
-        )))
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-        w.flush().await.map_err(|e| format!("write: {e}"))?;
-        let v = await_reply(&mut reader, 2).await?;
-        if let Some(err) = v.get("error") {
-            return Err(format!("ping failed: {err}"));
+        )
+        .await?;
+        match v.get("error") {
+            Some(err) => Err(format!("ping failed: {err}")),
+            None => Ok(()),
         }
-        Ok::<(), String>(())
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("timed out after {timeout:?}")),
-    }
-}
-
-async fn await_reply(
-    reader: &mut FrameReader<crate::tls::BoxRead>,
-    id: u64,
-) -> Result<Value, String> {
-    loop {
-        let f = reader
-            .read_frame()
-            .await
-            .map_err(|e| format!("read: {e}"))?
-            .ok_or("closed by backend")?;
-        let Ok(env) = envelope::parse(&f) else {
-            continue;
-        };
-        if env.kind == Kind::Response && env.id_u64() == Some(id) {
-            return serde_json::from_slice(&f).map_err(|e| e.to_string());
-        }
     }
 }
 

@@ -3,14 +3,10 @@
 //! tenant (`max_session_age`, `max_idle`; off by default), and the admin API deletes on demand.
 
 use crate::backend::Backend;
-use crate::codec::{encode_frame, FrameReader};
-use crate::envelope::{self, Kind};
 use crate::proxy::Shared;
-use crate::rpc;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 /// One request on a fresh connection of the proxy's own (not a client's link).
@@ -21,42 +17,8 @@ pub async fn call_once(
     timeout: Duration,
 ) -> Result<Value, String> {
     let run = async {
-        let (r, mut w) = crate::tls::dial(&b.address, b.tls.as_deref()).await?;
-        let mut reader = FrameReader::new(r, Default::default());
-        let connect = match b.token() {
-            Some(t) => json!({ "token": t }),
-            None => json!({}),
-        };
-        for (id, m, p) in [(1u64, "connect", &connect), (2, method, params)] {
-            w.write_all(&encode_frame(&rpc::request(id, m, p)))
-                .await
-                .map_err(|e| e.to_string())?;
-            w.flush().await.map_err(|e| e.to_string())?;
-            loop {
-                let f = reader
-                    .read_frame()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("backend closed the connection")?;
-                let Ok(env) = envelope::parse(&f) else {
-                    continue;
-                };
-                if env.kind != Kind::Response || env.id_u64() != Some(id) {
-                    continue;
-                }
-                let v: Value = serde_json::from_slice(&f).map_err(|e| e.to_string())?;
-                if id == 2 {
-                    return Ok(v);
-                }
-                if let Some(err) = v.get("error") {
-                    if err.get("code").and_then(Value::as_i64) != Some(rpc::METHOD_NOT_FOUND) {
-                        return Err(format!("connect refused: {err}"));
-                    }
-                }
-                break;
-            }
-        }
-        Err("no reply".to_string())
+        let (mut reader, mut w) = b.open().await?;
+        crate::backend::request(&mut reader, &mut w, 1, method, params).await
     };
     tokio::time::timeout(timeout, run)
         .await

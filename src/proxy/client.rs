@@ -1,7 +1,7 @@
 //! One client (SDK) connection: handshake, routing of every request, and delivery of replies,
 //! events and CLI callbacks back to it.
 
-use super::link::{ClientReq, ClientReqMeta, Link, LinkEnd};
+use super::link::{ClientReq, Link, LinkEnd};
 use super::Shared;
 use crate::auth::Tenant;
 use crate::backend::{Backend, State};
@@ -152,7 +152,7 @@ async fn run<R, W>(
                     .get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" })
                     .inc();
                 let id = envelope::sniff_id(&head).unwrap_or_else(|| "null".into());
-                warn!(conn = id_str(&conn), len, limit, "oversized frame refused");
+                warn!(conn = id, len, limit, "oversized frame refused");
                 let msg = format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes); it was discarded");
                 conn.reply_error(
                     &id,
@@ -202,10 +202,6 @@ async fn run<R, W>(
     }
     shared.metrics.connections_active.dec();
     info!(conn = id, %peer, duration_ms = started.elapsed().as_millis() as u64, requests = summary.0, sessions = summary.1, "client connection closed");
-}
-
-fn id_str(c: &ClientConn) -> u64 {
-    c.id
 }
 
 impl ClientConn {
@@ -261,15 +257,10 @@ impl ClientConn {
     }
 
     async fn fail(&self, req: &ClientReq, code: i64, message: &str, data: Value) {
-        let retryable = data
-            .get("retryable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         self.shared
             .metrics
             .request(route::class_label(req.route), "proxy_error");
         debug!(conn = self.id, method = %req.method, code, message, "request answered with a proxy error");
-        let _ = retryable;
         self.reply_error(req.id.get(), code, message, Some(data))
             .await;
     }
@@ -549,11 +540,12 @@ impl ClientConn {
         }
     }
 
-    /// Ownership check for any call naming a session. Returns false after answering.
+    /// Ownership check for any call naming a session (a match refreshes its idle time).
+    /// Returns false after answering.
     async fn check_owner(&self, req: &ClientReq, sid: &str) -> bool {
         let tenant = self.tenant();
-        let ok = match self.shared.sessions.owner(sid) {
-            Some(owner) => owner == tenant.name,
+        let ok = match self.shared.sessions.owned_by_touch(sid, &tenant.name) {
+            Some(mine) => mine,
             None => tenant.may_claim(sid),
         };
         if !ok {
@@ -576,7 +568,6 @@ impl ClientConn {
                 self.shared.refresh_gauges();
             }
         }
-        self.shared.sessions.touch(&sid);
         if matches!(
             req.method.as_str(),
             "session.send" | "session.sendMessages" | "session.sendAndWait"
@@ -1180,7 +1171,7 @@ impl ClientConn {
         why: &LinkEnd,
         reason: &str,
         unsent: Vec<ClientReq>,
-        in_flight: Vec<ClientReqMeta>,
+        in_flight: Vec<ClientReq>,
     ) {
         {
             let mut st = self.lock();
@@ -1235,7 +1226,7 @@ impl ClientConn {
     pub async fn backend_reply(
         &self,
         _link: &Link,
-        meta: ClientReqMeta,
+        meta: ClientReq,
         body: &[u8],
         span: (usize, usize),
         is_error: bool,
@@ -1430,8 +1421,8 @@ impl ClientConn {
     /// Whether this client's tenant may see a session.
     fn visible(&self, sid: &str) -> bool {
         let tenant = self.tenant();
-        match self.shared.sessions.owner(sid) {
-            Some(o) => o == tenant.name,
+        match self.shared.sessions.owned_by(sid, &tenant.name) {
+            Some(mine) => mine,
             None => tenant.may_claim(sid),
         }
     }

@@ -46,28 +46,15 @@ pub struct ClientReq {
 
 /// What happens to a pending entry when its reply arrives.
 enum Pending {
-    Client(ClientReqMeta),
+    /// A client request; its body is taken by the writer, so a request still holding one was
+    /// never sent and can be re-routed.
+    Client(ClientReq),
     Internal(oneshot::Sender<Result<Bytes, String>>),
 }
 
-/// The parts of a client request kept while waiting for its reply.
-#[derive(Debug)]
-pub struct ClientReqMeta {
-    /// The client's id.
-    pub id: Box<RawValue>,
-    /// Method name.
-    pub method: String,
-    /// Session, if any.
-    pub session: Option<String>,
-    /// Route class.
-    pub route: Route,
-    /// When the proxy read it.
-    pub started: Instant,
-}
-
 enum LinkMsg {
-    /// A client request; the writer swaps in `pid` as the id.
-    Client { pid: u64, req: ClientReq },
+    /// The pending client request `pid`; the writer swaps in `pid` as the id.
+    Client { pid: u64 },
     /// A body ready to write (replies to CLI requests, proxy-originated requests).
     Raw(Bytes),
 }
@@ -149,29 +136,15 @@ impl Link {
             if inner.dead.is_some() {
                 return Err(req);
             }
-            inner.pending.insert(
-                pid,
-                Pending::Client(ClientReqMeta {
-                    id: req.id.clone(),
-                    method: req.method.clone(),
-                    session: req.session.clone(),
-                    route: req.route,
-                    started: req.started,
-                }),
-            );
+            inner.pending.insert(pid, Pending::Client(req));
         }
-        match self.tx.send(LinkMsg::Client { pid, req }).await {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendError(LinkMsg::Client { req, .. })) => {
-                // If the link's shutdown already took the entry, it has answered the client.
-                if self.lock().pending.remove(&pid).is_some() {
-                    Err(req)
-                } else {
-                    Ok(())
-                }
+        if self.tx.send(LinkMsg::Client { pid }).await.is_err() {
+            // If the link's shutdown already took the entry, it has answered the client.
+            if let Some(Pending::Client(req)) = self.lock().pending.remove(&pid) {
+                return Err(req);
             }
-            Err(_) => Ok(()),
         }
+        Ok(())
     }
 
     /// Client requests written or queued and not yet answered.
@@ -225,7 +198,7 @@ impl Link {
 
     /// Marks the link dead and settles everything it owed: queued requests that never reached
     /// the backend are handed back for re-routing; requests already written get an error.
-    fn die(&self, why: &LinkEnd, unsent: Vec<(u64, ClientReq)>, conn: &Arc<ClientConn>) {
+    fn die(&self, why: &LinkEnd, unsent: Vec<u64>, conn: &Arc<ClientConn>) {
         let reason = match why {
             LinkEnd::Closed => "link closed".to_string(),
             LinkEnd::Fenced => format!("backend {} was marked down", self.backend.name),
@@ -240,7 +213,10 @@ impl Link {
         let mut pending = pending;
         let unsent: Vec<ClientReq> = unsent
             .into_iter()
-            .filter_map(|(pid, req)| pending.remove(&pid).map(|_| req))
+            .filter_map(|pid| match pending.remove(&pid) {
+                Some(Pending::Client(req)) => Some(req),
+                _ => None,
+            })
             .collect();
         let mut in_flight = Vec::new();
         for (_, p) in pending {
@@ -248,7 +224,7 @@ impl Link {
                 Pending::Internal(tx) => {
                     let _ = tx.send(Err(reason.clone()));
                 }
-                Pending::Client(meta) => in_flight.push(meta),
+                Pending::Client(req) => in_flight.push(req),
             }
         }
         conn.link_died(self, why, &reason, unsent, in_flight);
@@ -283,8 +259,8 @@ async fn run(
     rx.close();
     let mut unsent = Vec::new();
     while let Ok(msg) = rx.try_recv() {
-        if let LinkMsg::Client { pid, req } = msg {
-            unsent.push((pid, req));
+        if let LinkMsg::Client { pid } = msg {
+            unsent.push(pid);
         }
     }
     match &end {
@@ -321,7 +297,7 @@ async fn session(
     let telemetry = conn.telemetry();
     match tokio::time::timeout(
         cfg.limits.handshake_timeout.0,
-        handshake(&mut reader, &mut w, backend, telemetry),
+        backend.handshake(&mut reader, &mut w, telemetry),
     )
     .await
     {
@@ -335,15 +311,12 @@ async fn session(
     let writer = wire::writer_with(w, rx, move |msg| {
         let body = match msg {
             LinkMsg::Raw(b) => b,
-            LinkMsg::Client { pid, req } => {
-                if !link_w.lock().pending.contains_key(&pid) {
-                    return None;
-                }
-                Bytes::from(envelope::splice(
-                    &req.body,
-                    req.id_span,
-                    pid.to_string().as_bytes(),
-                ))
+            LinkMsg::Client { pid } => {
+                let (body, span) = match link_w.lock().pending.get_mut(&pid) {
+                    Some(Pending::Client(req)) => (std::mem::take(&mut req.body), req.id_span),
+                    _ => return None,
+                };
+                Bytes::from(envelope::splice(&body, span, pid.to_string().as_bytes()))
             }
         };
         Some(body)
@@ -378,55 +351,6 @@ async fn session(
             Ok(()) => LinkEnd::Closed,
             Err(e) => LinkEnd::Broken(e.to_string()),
         },
-    }
-}
-
-/// The proxy's own `connect` on a fresh link, with the backend's token (never the client's).
-async fn handshake(
-    reader: &mut FrameReader<crate::tls::BoxRead>,
-    w: &mut crate::tls::BoxWrite,
-    backend: &Backend,
-    telemetry: bool,
-) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let mut params = serde_json::Map::new();
-    if let Some(t) = backend.token() {
-        params.insert("token".into(), Value::String(t.to_string()));
-    }
-    if telemetry {
-        params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));
-    }
-    let body = rpc::request(0, "connect", &Value::Object(params));
-    w.write_all(&crate::codec::encode_frame(&body))
-        .await
-        .map_err(|e| e.to_string())?;
-    w.flush().await.map_err(|e| e.to_string())?;
-    loop {
-        let frame = reader
-            .read_frame()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("backend closed the connection during connect")?;
-        let Ok(env) = envelope::parse(&frame) else {
-            continue;
-        };
-        if env.kind != Kind::Response || env.id_u64() != Some(0) {
-            continue;
-        }
-        let v: Value = serde_json::from_slice(&frame).map_err(|e| e.to_string())?;
-        if let Some(err) = v.get("error") {
-            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-            if code == rpc::METHOD_NOT_FOUND {
-                // A legacy CLI without `connect`: accepted, as the SDKs do.
-                return Ok(());
-            }
-            let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
-            return Err(format!("backend refused the proxy's connect: {code} {msg}"));
-        }
-        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
-            *backend.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
-        }
-        return Ok(());
     }
 }
 

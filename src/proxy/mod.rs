@@ -167,11 +167,7 @@ impl Shared {
 
     /// Live sessions owned by a tenant.
     pub fn live_sessions_of(&self, tenant: &str) -> u64 {
-        self.sessions
-            .snapshot()
-            .iter()
-            .filter(|(_, p)| p.owner == tenant && p.live_conns > 0)
-            .count() as u64
+        self.sessions.live_owned_by(tenant)
     }
 
     /// Pushes per-backend gauges (sessions, state) to the metrics.

@@ -63,11 +63,11 @@ def write_config(path, cluster_backends, *, shared: bool, extra: str = "") -> No
     path.write_text("\n".join(lines) + "\n" + extra)
 
 
-def ha_cluster(tmp_path_factory, request, name: str, *, shared: bool) -> harness.Cluster:
+def ha_cluster(tmp_path_factory, request, name: str, *, shared: bool, delay_ms: int = 0) -> harness.Cluster:
     if harness.direct_mode():
         pytest.skip("HA scenarios need the proxy")
     run_dir = tmp_path_factory.mktemp(name)
-    model = harness.start_fake_model(run_dir)
+    model = harness.start_fake_model(run_dir, delay_ms=delay_ms)
     backends = harness.start_backends(3, run_dir, shared_state=shared)
     cfg = run_dir / "copilot-lb.yaml"
     write_config(cfg, backends, shared=shared)
@@ -312,17 +312,7 @@ async def list_all(client) -> set[str]:
 @pytest.fixture(scope="module")
 def slow_ha(e2e_install, tmp_path_factory, request):
     """Shared storage, and a model that takes 1.5 s per answer (so a turn can die midway)."""
-    if harness.direct_mode():
-        pytest.skip("HA scenarios need the proxy")
-    run_dir = tmp_path_factory.mktemp("ha-slow")
-    model = harness.start_fake_model(run_dir, delay_ms=1500)
-    backends = harness.start_backends(3, run_dir, shared_state=True)
-    cfg = run_dir / "copilot-lb.yaml"
-    write_config(cfg, backends, shared=True)
-    proxy = harness.start_proxy([], run_dir, extra_args=["--config", str(cfg)])
-    cluster = harness.Cluster(run_dir=run_dir, model=model, backends=backends, proxy=proxy, direct=False)
-    request.addfinalizer(cluster.stop)
-    return cluster
+    return ha_cluster(tmp_path_factory, request, "ha-slow", shared=True, delay_ms=1500)
 
 
 def test_turn_in_flight_when_backend_dies_fails_fast_then_continues(slow_ha):
