@@ -8,7 +8,8 @@
 //!
 //! Environment: `LG_OUT` output dir (default `benches/results`), `LG_IDLE` idle connections
 //! (default 10000), `LG_QUICK=1` a short run, `LG_HAPROXY` the haproxy binary (default
-//! `haproxy` on PATH; skipped when absent).
+//! `haproxy` on PATH; skipped when absent), `LG_ONLY` a comma list of the parts to run
+//! (`low,busy,two,stream,frames,idle`; default all).
 
 #[path = "lg/mod.rs"]
 mod lg;
@@ -21,6 +22,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Rounds each load scenario is split into, interleaving the paths.
+const ROUNDS: usize = 5;
+/// The busy-poll budget of the "copilot-lb busy-poll" column.
+const BUSY_POLL: &str = "runtime:\n  busy_poll: 200us\n";
 
 /// A child process, killed and reaped on drop.
 struct Proc {
@@ -152,6 +158,7 @@ fn spawn_lb(
     name: &str,
     backends: &[SocketAddr],
     tls_dir: Option<&Path>,
+    extra: &str,
     dir: &Path,
 ) -> (Proc, SocketAddr) {
     let port = free_port();
@@ -167,6 +174,7 @@ fn spawn_lb(
         yaml.push_str(&format!("  - address: {b}\n"));
     }
     yaml.push_str("limits:\n  max_connections: 40000\nlog:\n  level: warn\n");
+    yaml.push_str(extra);
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
@@ -190,7 +198,11 @@ fn spawn_lb(
 }
 
 /// Starts HAProxy in TCP mode in front of `backend` (127.0.0.1 only), if installed.
-fn spawn_haproxy(backend: SocketAddr, dir: &Path) -> Option<(Proc, SocketAddr, String)> {
+fn spawn_haproxy(
+    backend: SocketAddr,
+    busy: bool,
+    dir: &Path,
+) -> Option<(Proc, SocketAddr, String)> {
     let bin = std::env::var("LG_HAPROXY").unwrap_or_else(|_| "haproxy".into());
     let version = Command::new(&bin).arg("-v").output().ok()?;
     let version = String::from_utf8_lossy(&version.stdout)
@@ -202,9 +214,14 @@ fn spawn_haproxy(backend: SocketAddr, dir: &Path) -> Option<(Proc, SocketAddr, S
     // HAProxy refuses to start when RLIMIT_NOFILE cannot hold 2 × maxconn sockets.
     let maxconn = ((nofile_limit().saturating_sub(200)) / 2).clamp(1000, 50_000);
     let cfg = format!(
-        "global\n    maxconn {maxconn}\n    nbthread 2\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\nfrontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\nbackend be\n    server fake {backend}\n"
+        "global\n    maxconn {maxconn}\n    nbthread 2\n{}\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\nfrontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\nbackend be\n    server fake {backend}\n",
+        if busy { "    busy-polling\n" } else { "" }
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(if busy {
+        "haproxy-busy.cfg"
+    } else {
+        "haproxy.cfg"
+    });
     std::fs::write(&path, cfg).unwrap();
     let child = Command::new(&bin)
         .arg("-db")
@@ -222,6 +239,35 @@ fn spawn_haproxy(backend: SocketAddr, dir: &Path) -> Option<(Proc, SocketAddr, S
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_port(addr, "haproxy");
     Some((p, addr, version))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Lets a paused always-spinning process run while its own column is measured.
+struct Awake(Option<u32>);
+
+impl Awake {
+    fn new(t: &Target, spinners: &[(String, u32)]) -> Awake {
+        let pid = spinners.iter().find(|(n, _)| *n == t.name).map(|(_, p)| *p);
+        if let Some(p) = pid {
+            signal(p, "CONT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Awake(pid)
+    }
+}
+
+impl Drop for Awake {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            signal(p, "STOP");
+        }
+    }
 }
 
 fn nofile_limit() -> u64 {
@@ -265,12 +311,19 @@ impl Cpu {
         )
     }
     fn share(&self, before: (Instant, Vec<f64>)) -> BTreeMap<String, f64> {
+        self.used(before)
+            .into_iter()
+            .map(|(n, (used, wall))| (n, used / wall.max(1e-9)))
+            .collect()
+    }
+    /// CPU-seconds used by each process and the wall-clock seconds since `before`.
+    fn used(&self, before: (Instant, Vec<f64>)) -> BTreeMap<String, (f64, f64)> {
         let (t, now) = self.snap();
-        let wall = t.duration_since(before.0).as_secs_f64().max(1e-9);
+        let wall = t.duration_since(before.0).as_secs_f64();
         self.pids
             .iter()
             .zip(now.iter().zip(before.1.iter()))
-            .map(|((n, _), (a, b))| (n.clone(), (a - b) / wall))
+            .map(|((n, _), (a, b))| (n.clone(), (a - b, wall)))
             .collect()
     }
 }
@@ -300,6 +353,8 @@ fn machine() -> String {
 
 async fn run() {
     let quick = std::env::var("LG_QUICK").is_ok_and(|v| v == "1");
+    let only = std::env::var("LG_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     let out = std::env::var("LG_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results"));
@@ -331,10 +386,18 @@ async fn run() {
     let tls_dir = tmp.join("pki");
     std::fs::create_dir_all(&tls_dir).unwrap();
     let tls = lg::mtls_pki(&tls_dir);
-    let (lb, lb_addr) = spawn_lb("copilot-lb", &[fake_addr], None, &tmp);
-    let (lbt, lbt_addr) = spawn_lb("copilot-lb-mtls", &[fake_addr], Some(&tls_dir), &tmp);
-    let (lb2, lb2_addr) = spawn_lb("copilot-lb-2backends", &[fake_addr, fake2_addr], None, &tmp);
-    let hap = spawn_haproxy(fake_addr, &tmp);
+    let (lb, lb_addr) = spawn_lb("copilot-lb", &[fake_addr], None, "", &tmp);
+    let (lbb, lbb_addr) = spawn_lb("copilot-lb-busy", &[fake_addr], None, BUSY_POLL, &tmp);
+    let (lbt, lbt_addr) = spawn_lb("copilot-lb-mtls", &[fake_addr], Some(&tls_dir), "", &tmp);
+    let (lb2, lb2_addr) = spawn_lb(
+        "copilot-lb-2backends",
+        &[fake_addr, fake2_addr],
+        None,
+        "",
+        &tmp,
+    );
+    let hap = spawn_haproxy(fake_addr, false, &tmp);
+    let hapb = spawn_haproxy(fake_addr, true, &tmp);
 
     let mut targets = vec![
         (
@@ -354,6 +417,15 @@ async fn run() {
                 pid: Some(lb.pid()),
             },
             Some(lb.pid()),
+        ),
+        (
+            Target {
+                name: "copilot-lb busy-poll".into(),
+                addr: lbb_addr,
+                tls: None,
+                pid: Some(lbb.pid()),
+            },
+            Some(lbb.pid()),
         ),
         (
             Target {
@@ -381,6 +453,22 @@ async fn run() {
         None => report.notes.push(
             "HAProxy not found: its column is empty (scripts/bench/setup.sh installs it)".into(),
         ),
+    }
+    // HAProxy's busy-polling spins even with no traffic: keep it stopped (SIGSTOP) except
+    // while its own column is measured, or it would slow every other path down.
+    let mut spinners: Vec<(String, u32)> = Vec::new();
+    if let Some((p, addr, _)) = &hapb {
+        spinners.push(("HAProxy busy-polling".into(), p.pid()));
+        signal(p.pid(), "STOP");
+        targets.push((
+            Target {
+                name: "HAProxy busy-polling".into(),
+                addr: *addr,
+                tls: None,
+                pid: Some(p.pid()),
+            },
+            Some(p.pid()),
+        ));
     }
     report.targets = targets.iter().map(|t| t.0.name.clone()).collect();
 
@@ -417,10 +505,37 @@ async fn run() {
     let t_start = Instant::now();
     let self_pid = std::process::id();
     for (scen, spec) in &load_scen {
-        for (t, proxy_pid) in &targets {
-            let cpu = cpu_probe(&fake, *proxy_pid, self_pid);
-            let before = cpu.snap();
-            let r = lg::load(t, spec).await;
+        if !part(if scen.starts_with("low") {
+            "low"
+        } else {
+            "busy"
+        }) {
+            continue;
+        }
+        // Interleaved rounds, so a slow spell of the machine hits every path alike.
+        let mut rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); targets.len()];
+        let mut cpu_acc: Vec<BTreeMap<String, (f64, f64)>> = vec![BTreeMap::new(); targets.len()];
+        let part_spec = LoadSpec {
+            duration: spec.duration / ROUNDS as u32,
+            max_ops: spec.max_ops / ROUNDS,
+            ..spec.clone()
+        };
+        for _ in 0..ROUNDS {
+            for (i, (t, proxy_pid)) in targets.iter().enumerate() {
+                let cpu = cpu_probe(&fake, *proxy_pid, self_pid);
+                let _awake = Awake::new(t, &spinners);
+                let before = cpu.snap();
+                let r = lg::load(t, &part_spec).await;
+                for (k, (used, wall)) in cpu.used(before) {
+                    let e = cpu_acc[i].entry(k).or_default();
+                    e.0 += used;
+                    e.1 += wall;
+                }
+                rounds[i].push(r);
+            }
+        }
+        for (i, (t, _)) in targets.iter().enumerate() {
+            let r = LoadResult::merge(std::mem::take(&mut rounds[i]));
             eprintln!(
                 "loadgen: {scen} / {}: p50 {:.1} µs p99 {:.1} µs {:.0} req/s {:.0} ev/s errors {}",
                 t.name, r.lat.p50, r.lat.p99, r.req_per_s, r.events_per_s, r.errors
@@ -429,7 +544,11 @@ async fn run() {
                 .cpu
                 .entry(format!("{scen} / {}", t.name))
                 .or_default()
-                .extend(cpu.share(before));
+                .extend(
+                    cpu_acc[i]
+                        .iter()
+                        .map(|(k, (u, w))| (k.clone(), u / w.max(1e-9))),
+                );
             report
                 .load
                 .entry(scen.to_string())
@@ -439,7 +558,7 @@ async fn run() {
     }
     // The same busy load through copilot-lb with a second fake backend: if the fake were the
     // bottleneck, throughput would rise.
-    {
+    if part("two") {
         let t = Target {
             name: "copilot-lb, 2 backends".into(),
             addr: lb2_addr,
@@ -461,9 +580,10 @@ async fn run() {
             65_536,
         ),
     ];
-    for (scen, count, size) in &streams {
+    for (scen, count, size) in streams.iter().filter(|_| part("stream")) {
         for (t, proxy_pid) in &targets {
             let cpu = cpu_probe(&fake, *proxy_pid, self_pid);
+            let _awake = Awake::new(t, &spinners);
             let before = cpu.snap();
             let r = lg::stream(t, *count, *size, 3).await;
             eprintln!(
@@ -494,8 +614,9 @@ async fn run() {
             if quick { 2 } else { 6 },
         ),
     ];
-    for (scen, size, reps) in &frames {
+    for (scen, size, reps) in frames.iter().filter(|_| part("frames")) {
         for (t, _) in &targets {
+            let _awake = Awake::new(t, &spinners);
             let r = lg::big_frames(t, *size, *reps, Duration::from_secs(60)).await;
             eprintln!(
                 "loadgen: {scen} / {}: p50 {:.1} ms p99 {:.1} ms errors {}",
@@ -520,7 +641,7 @@ async fn run() {
     ];
     // Fresh processes for every idle measurement: an allocator keeps freed memory, so a
     // process that already served load (or the previous idle round) would under-report.
-    for (scen, linked) in &idles {
+    for (scen, linked) in idles.iter().filter(|_| part("idle")) {
         for (t, _) in &targets {
             let (fk, fk_addr) = spawn_fake("fake-idle", &tmp);
             let (procs, t) = match t.name.as_str() {
@@ -532,8 +653,9 @@ async fn run() {
                         ..t.clone()
                     },
                 ),
-                "HAProxy" => {
-                    let Some((p, addr, _)) = spawn_haproxy(fk_addr, &tmp) else {
+                "HAProxy" | "HAProxy busy-polling" => {
+                    let busy = t.name.ends_with("busy-polling");
+                    let Some((p, addr, _)) = spawn_haproxy(fk_addr, busy, &tmp) else {
                         continue;
                     };
                     let pid = p.pid();
@@ -548,10 +670,16 @@ async fn run() {
                 }
                 name => {
                     let dir = t.tls.as_ref().map(|_| tls_dir.as_path());
+                    let extra = if name.ends_with("busy-poll") {
+                        BUSY_POLL
+                    } else {
+                        ""
+                    };
                     let (p, addr) = spawn_lb(
                         &format!("{}-idle", name.replace(' ', "-")),
                         &[fk_addr],
                         dir,
+                        extra,
                         &tmp,
                     );
                     let pid = p.pid();
@@ -584,7 +712,7 @@ async fn run() {
         "measured in {:.0} s",
         t_start.elapsed().as_secs_f64()
     ));
-    drop((lb, lbt, lb2, hap, fake2));
+    drop((lb, lbb, lbt, lb2, hap, hapb, fake2));
     let md = markdown(&report, &load_scen, &streams, &frames, &idles);
     std::fs::write(out.join("loadgen.md"), &md).unwrap();
     std::fs::write(

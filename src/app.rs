@@ -34,8 +34,17 @@ pub struct Running {
     pub admin_addr: Option<std::net::SocketAddr>,
 }
 
-/// Binds everything and spawns the serving tasks; returns once listening.
+/// Binds everything and spawns the serving tasks on the current runtime; returns once
+/// listening.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    start_on(cfg, None).await
+}
+
+/// Like [`start`], but client connections are served on `loops` when given.
+pub async fn start_on(
+    cfg: Config,
+    loops: Option<Arc<crate::runtime::Loops>>,
+) -> Result<Running, StartError> {
     let listeners = proxy::bind(&cfg).await?;
     let admin = match &cfg.admin {
         Some(a) => Some(
@@ -53,6 +62,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .iter()
         .any(|l| l.mode == ListenerMode::Jsonrpc);
     let shared = Shared::new(cfg)?;
+    if let Some(l) = loops {
+        info!(threads = l.threads(), busy_poll = ?shared.config().runtime.busy_poll.map(|m| m.0), "event loops started");
+        shared.set_loops(l);
+    }
     if jsonrpc {
         proxy::warn_if_open(&shared);
     }
@@ -113,7 +126,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` (the config file and flags).
 pub async fn run(cfg: Config, source: Option<(PathBuf, Overrides)>) -> Result<(), StartError> {
-    let running = start(cfg).await?;
+    let busy = cfg.runtime.busy_poll.map_or(Duration::ZERO, |m| m.0);
+    let loops =
+        crate::runtime::Loops::start(cfg.runtime.threads, busy).map_err(StartError::Loops)?;
+    let running = start_on(cfg, Some(Arc::new(loops))).await?;
     let shared = running.shared.clone();
     if let Some((p, o)) = source {
         shared.set_reload_source(p, o);

@@ -6,7 +6,8 @@
 //! accepts nothing else and one buffer means one `write`.
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::pin::Pin;
+use tokio::io::AsyncRead;
 
 /// Default cap on one header block.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -209,12 +210,17 @@ fn itoa_buf(n: usize) -> Vec<u8> {
     n.to_string().into_bytes()
 }
 
+/// A read is never attempted into less spare room than this.
+const MIN_READ: usize = 1024;
+/// Read buffer growth step for small frames.
+const READ_CHUNK: usize = 4096;
+
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     limits: Limits,
-    after_read: Option<fn(&R)>,
+    on_partial: Option<fn(&R)>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -225,26 +231,51 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // Grown on demand: an idle connection should hold a few KiB, not a big buffer.
             buf: BytesMut::new(),
             limits,
-            after_read: None,
+            on_partial: None,
         }
     }
 
-    /// Runs `hook` on the reader after every successful read (used to re-arm TCP_QUICKACK).
-    pub fn with_after_read(mut self, hook: fn(&R)) -> Self {
-        self.after_read = Some(hook);
+    /// Runs `hook` once per frame when only part of it has arrived and the reader must wait
+    /// for the rest (used to send an immediate ACK: see [`crate::wire::quickack`]).
+    pub fn with_on_partial(mut self, hook: fn(&R)) -> Self {
+        self.on_partial = Some(hook);
         self
     }
 
     async fn fill(&mut self) -> Result<usize, CodecError> {
-        let n = self.inner.read_buf(&mut self.buf).await?;
-        if let (Some(h), true) = (self.after_read, n > 0) {
-            h(&self.inner);
-        }
+        let n = std::future::poll_fn(|cx| {
+            if self.buf.capacity() - self.buf.len() < MIN_READ {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf);
+            if r.is_pending() && self.buf.is_empty() {
+                // Nothing buffered and nothing to read: the connection is idle, and an idle
+                // connection should not pin a read buffer (10,000 of them would hold 40 MiB).
+                self.buf = BytesMut::new();
+            }
+            r
+        })
+        .await?;
         Ok(n)
+    }
+
+    /// Bytes of read buffer currently allocated (zero while idle).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Fills after a read that left a partial frame, telling the hook first.
+    async fn fill_partial(&mut self, told: &mut bool) -> Result<usize, CodecError> {
+        if let (Some(h), false) = (self.on_partial, *told) {
+            h(&self.inner);
+            *told = true;
+        }
+        self.fill().await
     }
 
     /// Returns the next frame body, `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
+        let mut told = false;
         loop {
             match scan_header(&self.buf, self.limits.max_header)? {
                 HeaderScan::Complete {
@@ -264,7 +295,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     if self.buf.len() < need {
                         self.buf.reserve(need - self.buf.len());
                         while self.buf.len() < need {
-                            if self.fill().await? == 0 {
+                            if self.fill_partial(&mut told).await? == 0 {
                                 return Err(CodecError::UnexpectedEof);
                             }
                         }
@@ -278,10 +309,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(Some(body));
                 }
                 HeaderScan::Incomplete => {
-                    if self.buf.capacity() - self.buf.len() < 1024 {
-                        self.buf.reserve(self.buf.len().max(4096));
+                    if self.buf.capacity() - self.buf.len() < MIN_READ {
+                        self.buf.reserve(self.buf.len().max(READ_CHUNK));
                     }
-                    if self.fill().await? == 0 {
+                    let n = if self.buf.is_empty() {
+                        self.fill().await?
+                    } else {
+                        self.fill_partial(&mut told).await?
+                    };
+                    if n == 0 {
                         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
                             return Ok(None);
                         }
@@ -323,6 +359,47 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_reader_releases_its_buffer_and_acks_partial_frames_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static PARTIAL: AtomicUsize = AtomicUsize::new(0);
+        fn hook(_: &tokio::io::DuplexStream) {
+            PARTIAL.fetch_add(1, Ordering::Relaxed);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let (mut w, r) = tokio::io::duplex(1 << 16);
+            let mut r = FrameReader::new(r, Limits::default()).with_on_partial(hook);
+            w.write_all(&encode_frame(b"{\"a\":1}")).await.unwrap();
+            assert_eq!(&r.read_frame().await.unwrap().unwrap()[..], b"{\"a\":1}");
+            assert_eq!(
+                PARTIAL.load(Ordering::Relaxed),
+                0,
+                "whole frame is not partial"
+            );
+            assert!(r.buffer_capacity() > 0);
+            // Nothing more to read: the pending read drops the buffer.
+            let pending =
+                tokio::time::timeout(std::time::Duration::from_millis(20), r.read_frame()).await;
+            assert!(pending.is_err());
+            assert_eq!(r.buffer_capacity(), 0);
+            // A header alone, then its body: the hook runs once for the frame.
+            w.write_all(b"Content-Length: 7\r\n\r\n").await.unwrap();
+            let read = tokio::spawn(async move { (r.read_frame().await, r) });
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            w.write_all(b"{\"b\":").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            w.write_all(b"2}").await.unwrap();
+            let (got, _r) = read.await.unwrap();
+            assert_eq!(&got.unwrap().unwrap()[..], b"{\"b\":2}");
+            assert_eq!(PARTIAL.load(Ordering::Relaxed), 1);
+        });
+    }
 
     fn frames(input: &[u8], limits: Limits) -> Vec<Result<Bytes, String>> {
         let rt = tokio::runtime::Builder::new_current_thread()

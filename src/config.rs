@@ -41,7 +41,7 @@ pub enum ConfigError {
     },
 }
 
-/// A duration written as `500ms`, `2s`, `1m`, `1h`, or a bare number of milliseconds.
+/// A duration written as `200us`, `500ms`, `2s`, `1m`, `1h`, or a bare number of milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Millis(pub Duration);
 
@@ -69,13 +69,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {s:?} (use e.g. 500ms, 2s, 5m, 1h)"))?;
     let d = match unit.trim() {
+        "us" | "µs" => Duration::from_micros(n),
         "" | "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         _ => {
             return Err(format!(
-                "invalid duration unit in {s:?} (use ms, s, m or h)"
+                "invalid duration unit in {s:?} (use us, ms, s, m or h)"
             ))
         }
     };
@@ -113,6 +114,21 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Event-loop threads and busy polling (read at start-up only).
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// How the data path is run.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Event-loop threads serving client connections; 0 means one per CPU.
+    #[serde(default)]
+    pub threads: usize,
+    /// After the last frame, keep polling sockets this long instead of sleeping; 0 is off.
+    #[serde(default)]
+    pub busy_poll: Option<Millis>,
 }
 
 /// What happens to a session whose backend is lost.
@@ -825,6 +841,8 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
+        assert_eq!(parse_duration("50µs").unwrap(), Duration::from_micros(50));
         assert!(parse_duration("2 weeks").is_err());
         let c = Config::from_yaml("health:\n  interval: 250ms\n  timeout: 1s\n", "t").unwrap();
         assert_eq!(c.health.interval.0, Duration::from_millis(250));

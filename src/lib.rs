@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod rpc;
+pub mod runtime;
 pub mod sidecar;
 pub mod tls;
 pub mod wire;

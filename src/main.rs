@@ -96,7 +96,9 @@ fn main() -> Result<()> {
                 )?;
             }
             copilot_lb::app::init_logging(&cfg);
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // Accepting, health checks and the admin API run here; client connections run on
+            // the event loops `app::run` starts (config `runtime`).
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let source = file.map(|f| (f, o.clone()));

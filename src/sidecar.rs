@@ -58,8 +58,9 @@ impl Sidecar {
                 _ = shared.stop_accepting.cancelled() => return,
             };
             let me = me.clone();
-            let shared = shared.clone();
-            tokio::spawn(async move {
+            let sh = shared.clone();
+            crate::runtime::spawn_conn(shared.loops(), stream, move |stream| async move {
+                let shared = sh;
                 shared.metrics.connections_total.inc();
                 shared.metrics.connections_active.inc();
                 tokio::select! {
@@ -98,9 +99,12 @@ impl Sidecar {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                // The SDKs write header and body separately; ACK at once so the body is not
-                // held back ~40 ms by Nagle waiting on a delayed ACK.
-                crate::wire::quickack(&cr);
+                crate::runtime::activity();
+                // The SDKs write header and body separately: a chunk that ends a header block
+                // is most likely waiting for its body, which Nagle holds until this is ACKed.
+                if buf[..n].ends_with(b"\r\n\r\n") {
+                    crate::wire::quickack(&cr);
+                }
                 if uw.write_all(&buf[..n]).await.is_err() || uw.flush().await.is_err() {
                     break;
                 }
@@ -108,7 +112,17 @@ impl Sidecar {
             let _ = uw.shutdown().await;
         };
         let to_client = async {
-            let _ = tokio::io::copy(&mut ur, &mut cw).await;
+            let mut buf = vec![0u8; 8 * 1024];
+            loop {
+                let n = match ur.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                crate::runtime::activity();
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
             let _ = cw.shutdown().await;
         };
         tokio::join!(to_edge, to_client);

@@ -1123,3 +1123,57 @@ async fn backend_token_is_used_by_links_and_probes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_loops_with_busy_polling_serve_many_clients() {
+    within(T, async {
+        let fakes = fakes(3, false).await;
+        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
+        let loops = std::sync::Arc::new(
+            copilot_lb::runtime::Loops::start(2, Duration::from_millis(1)).expect("loops"),
+        );
+        let running = copilot_lb::app::start_on(config(&addrs), Some(loops.clone()))
+            .await
+            .expect("proxy start");
+        let addr = running.listen_addrs[0];
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            clients.push(Client::connected(addr).await);
+        }
+        assert_eq!(
+            loops.load(),
+            vec![3, 3],
+            "connections spread over both loops"
+        );
+        for (i, c) in clients.iter_mut().enumerate() {
+            for s in 0..4 {
+                let sid = format!("loops-{i}-{s}");
+                c.ok("session.create", json!({"sessionId": sid})).await;
+                c.ok("session.send", send_params(&sid, &format!("hello {sid}")))
+                    .await;
+            }
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            for s in 0..4 {
+                let sid = format!("loops-{i}-{s}");
+                expect_turn(c, &sid, &format!("hello {sid}")).await;
+                assert_eq!(holders(&fakes, &sid).len(), 1, "{sid}");
+            }
+        }
+        // Idle long past the busy-poll budget, then traffic again: a sleeping loop wakes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = clients[0]
+            .ok("session.send", send_params("loops-0-0", "again"))
+            .await;
+        assert!(r["messageId"].is_string());
+        expect_turn(&mut clients[0], "loops-0-0", "again").await;
+        drop(clients);
+        assert!(
+            eventually(Duration::from_secs(5), || loops.load() == vec![0, 0]).await,
+            "connections not released: {:?}",
+            loops.load()
+        );
+        loops.stop();
+    })
+    .await;
+}

@@ -264,6 +264,30 @@ pub struct LoadResult {
     pub secs: f64,
 }
 
+impl LoadResult {
+    /// Combines rounds of the same load into one result (samples pooled, rates over the
+    /// summed measuring time).
+    pub fn merge(rounds: Vec<LoadResult>) -> LoadResult {
+        let secs: f64 = rounds.iter().map(|r| r.secs).sum::<f64>().max(1e-9);
+        let rate = |f: &dyn Fn(&LoadResult) -> f64| {
+            rounds.iter().map(|r| f(r) * r.secs).sum::<f64>() / secs
+        };
+        let samples: Vec<u64> = rounds
+            .iter()
+            .flat_map(|r| r.samples.iter().copied())
+            .collect();
+        LoadResult {
+            lat: Pct::of(samples.clone()),
+            samples,
+            req_per_s: rate(&|r| r.req_per_s),
+            events_per_s: rate(&|r| r.events_per_s),
+            event_mb_per_s: rate(&|r| r.event_mb_per_s),
+            errors: rounds.iter().map(|r| r.errors).sum(),
+            secs,
+        }
+    }
+}
+
 /// Runs a closed-loop load against `t`.
 pub async fn load(t: &Target, spec: &LoadSpec) -> LoadResult {
     let prefix = run_prefix("load");

@@ -90,7 +90,7 @@ pub struct PeerTls {
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: String) {
     wire::tune(&stream);
     let (r, w) = stream.into_split();
-    let reader = FrameReader::new(r, shared.limits()).with_after_read(wire::quickack);
+    let reader = FrameReader::new(r, shared.limits()).with_on_partial(wire::quickack);
     run(shared, reader, w, peer, None).await;
 }
 
@@ -141,6 +141,7 @@ async fn run<R, W>(
         };
         match frame {
             Ok(Some(body)) => {
+                crate::runtime::activity();
                 shared.metrics.frame("client_in", body.len());
                 conn.on_client_frame(body).await;
             }

@@ -325,6 +325,7 @@ async fn session(
         loop {
             match reader.read_frame().await {
                 Ok(Some(body)) => {
+                    crate::runtime::activity();
                     metrics.frame("backend_in", body.len());
                     on_backend_frame(link, conn, body).await;
                 }

@@ -41,6 +41,8 @@ pub struct Shared {
     pub conns: DashMap<u64, Weak<ClientConn>>,
     /// Where the config came from, for reloads.
     reload_source: std::sync::Mutex<Option<(PathBuf, Overrides)>>,
+    /// Event loops serving client connections (none: tasks on the current runtime).
+    loops: std::sync::OnceLock<Arc<crate::runtime::Loops>>,
 }
 
 /// What a reload changed.
@@ -58,6 +60,9 @@ pub enum StartError {
     /// A backend could not be built (unreadable token source).
     #[error("{0}")]
     Backend(String),
+    /// The event loops could not be started.
+    #[error("{0}")]
+    Loops(crate::runtime::RuntimeError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
@@ -95,6 +100,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             conns: DashMap::new(),
             reload_source: std::sync::Mutex::new(None),
+            loops: std::sync::OnceLock::new(),
         });
         shared.refresh_gauges();
         Ok(shared)
@@ -106,6 +112,16 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Serves client connections on `loops` from now on (set once, before listening).
+    pub fn set_loops(&self, loops: Arc<crate::runtime::Loops>) {
+        let _ = self.loops.set(loops);
+    }
+
+    /// The event loops, if the process runs its own.
+    pub fn loops(&self) -> Option<&crate::runtime::Loops> {
+        self.loops.get().map(|l| &**l)
     }
 
     /// Swaps in a new config (already validated).
@@ -225,6 +241,9 @@ impl Shared {
         {
             warn!("listener changes take effect only after a restart");
         }
+        if old.runtime != cfg.runtime {
+            warn!("runtime changes (threads, busy_poll) take effect only after a restart");
+        }
         let (added, removed) = self.pool.replace(&cfg)?;
         self.set_auth(Auth::from_config(&cfg.tenants, &cfg.sessions));
         self.set_config(cfg);
@@ -290,9 +309,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<Arc<S
         };
         match accepted {
             Ok((stream, peer)) => {
-                let shared = shared.clone();
                 let tls = tls.clone();
-                tokio::spawn(async move {
+                let sh = shared.clone();
+                crate::runtime::spawn_conn(shared.loops(), stream, move |stream| async move {
+                    let shared = sh;
                     match tls {
                         None => client::serve(shared, stream, peer.to_string()).await,
                         Some(store) => {
