@@ -15,8 +15,10 @@ use tracing_subscriber::EnvFilter;
 pub fn init_logging(cfg: &Config) {
     let level = cfg.log.level.clone().unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // Colour codes only on a terminal: in files, journald and container logs they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().try_init(),

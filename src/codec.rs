@@ -214,6 +214,8 @@ fn itoa_buf(n: usize) -> Vec<u8> {
 const MIN_READ: usize = 1024;
 /// Read buffer growth step for small frames.
 const READ_CHUNK: usize = 4096;
+/// Largest read-ahead sized from the previous frame.
+const MAX_CHUNK: usize = 256 * 1024;
 
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
@@ -221,6 +223,9 @@ pub struct FrameReader<R> {
     buf: BytesMut,
     limits: Limits,
     on_partial: Option<fn(&R)>,
+    /// Read size for the next frame: the last frame's size, so a stream of large frames is
+    /// read in a few big reads instead of a small one per header.
+    chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -232,6 +237,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::new(),
             limits,
             on_partial: None,
+            chunk: READ_CHUNK,
         }
     }
 
@@ -245,7 +251,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     async fn fill(&mut self) -> Result<usize, CodecError> {
         let n = std::future::poll_fn(|cx| {
             if self.buf.capacity() - self.buf.len() < MIN_READ {
-                self.buf.reserve(READ_CHUNK);
+                self.buf.reserve(self.chunk);
             }
             let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf);
             if r.is_pending() && self.buf.is_empty() {
@@ -300,6 +306,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                             }
                         }
                     }
+                    self.chunk = need.clamp(READ_CHUNK, MAX_CHUNK);
                     self.buf.advance(header_len);
                     let body = self.buf.split_to(body_len).freeze();
                     if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
@@ -310,7 +317,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 HeaderScan::Incomplete => {
                     if self.buf.capacity() - self.buf.len() < MIN_READ {
-                        self.buf.reserve(self.buf.len().max(READ_CHUNK));
+                        self.buf.reserve(self.buf.len().max(self.chunk));
                     }
                     let n = if self.buf.is_empty() {
                         self.fill().await?

@@ -96,7 +96,12 @@ pub struct Metrics {
     pub passive_failures: Family<BackendLabels, Counter>,
     /// Sessions deleted by copilot-lb (hygiene limits or admin API), by reason.
     pub sessions_reaped: Family<ReasonLabels, Counter>,
+    /// The frame counters of each direction, resolved once: a family lookup hashes the label
+    /// under a lock, on every frame.
+    dirs: Vec<(&'static str, Counter, Counter)>,
 }
+
+const DIRECTIONS: [&str; 4] = ["client_in", "client_out", "backend_in", "backend_out"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -127,7 +132,20 @@ impl Metrics {
             passive_failures: Family::default(),
             sessions_reaped: Family::default(),
             registry: Registry::default(),
+            dirs: Vec::new(),
         };
+        let mut m = m;
+        m.dirs = DIRECTIONS
+            .iter()
+            .map(|&direction| {
+                let l = DirLabels { direction };
+                (
+                    direction,
+                    m.frames.get_or_create(&l).clone(),
+                    m.frame_bytes.get_or_create(&l).clone(),
+                )
+            })
+            .collect();
         registry.register(
             "connections",
             "Client connections accepted",
@@ -221,6 +239,11 @@ impl Metrics {
 
     /// Counts one frame.
     pub fn frame(&self, direction: &'static str, bytes: usize) {
+        if let Some((_, n, b)) = self.dirs.iter().find(|(d, _, _)| *d == direction) {
+            n.inc();
+            b.inc_by(bytes as u64);
+            return;
+        }
         let l = DirLabels { direction };
         self.frames.get_or_create(&l).inc();
         self.frame_bytes.get_or_create(&l).inc_by(bytes as u64);

@@ -222,6 +222,9 @@ pub async fn poll_busily(budget: Duration) {
         let mut since = Instant::now();
         loop {
             tokio::task::yield_now().await;
+            // Let any other runnable thread on this CPU (the backend, the client) go first:
+            // the point is to keep the CPU from halting, not to keep it from others.
+            std::thread::yield_now();
             let now = ACTIVITY.with(|a| a.frames.get());
             if now != seen {
                 seen = now;

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -585,8 +585,12 @@ impl ClientConn {
         if body.len() > 4096 {
             return;
         }
-        let ends = memchr::memmem::find(body, b"\"session.idle\"").is_some()
-            || memchr::memmem::find(body, b"\"session.error\"").is_some();
+        // Built once: constructing a searcher costs more than searching a small event.
+        static IDLE: LazyLock<memchr::memmem::Finder<'static>> =
+            LazyLock::new(|| memchr::memmem::Finder::new(b"\"session.idle\""));
+        static ERROR: LazyLock<memchr::memmem::Finder<'static>> =
+            LazyLock::new(|| memchr::memmem::Finder::new(b"\"session.error\""));
+        let ends = IDLE.find(body).is_some() || ERROR.find(body).is_some();
         if ends {
             if let Some(j) = self.lock().joined.get_mut(session) {
                 j.turn = false;

@@ -308,6 +308,7 @@ async fn session(
     debug!(conn = conn.id, backend = %backend.name, "link up");
     let metrics = &shared.metrics;
     let link_w = link.clone();
+    let shared_w = shared.clone();
     let writer = wire::writer_with(w, rx, move |msg| {
         let body = match msg {
             LinkMsg::Raw(b) => b,
@@ -319,6 +320,7 @@ async fn session(
                 Bytes::from(envelope::splice(&body, span, pid.to_string().as_bytes()))
             }
         };
+        shared_w.metrics.frame("backend_out", body.len());
         Some(body)
     });
     let read_loop = async {

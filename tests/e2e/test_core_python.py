@@ -7,12 +7,14 @@ the session.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
 import pytest
 from pydantic import BaseModel
 
+import harness
 from conftest import run
 from copilot.tools import define_tool
 from sdkutil import (connected, echo, ids_per_backend, list_ids, model_requests_with, owners,
@@ -181,3 +183,42 @@ def test_delete_session(cluster, core):
     # the other sessions are untouched
     others = [core_id(k) for k in range(1, N_SESSIONS)]
     assert all(len(owners(per_backend, o)) == 1 for o in others)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_event_loops_with_busy_polling(cluster, tmp_path):
+    """A proxy with two event loops and `busy_poll` serves the real SDK, and stops spinning
+    once traffic stops (it would burn a core per loop otherwise)."""
+    if cluster.direct:
+        pytest.skip("proxy configuration test")
+    cfg = tmp_path / "busy.yaml"
+    cfg.write_text("runtime:\n  threads: 2\n  busy_poll: 200us\n")
+    px = harness.start_proxy(cluster.backends, tmp_path, extra_args=["--config", str(cfg)])
+    try:
+        assert "event loops started" in px.tail(200) and "threads=2" in px.tail(200), px.tail(50)
+
+        async def go():
+            async with connected(px.url) as client:
+                replies = {}
+                for i in range(4):
+                    sid = f"e2e-busy-{i}-{NONCE}"
+                    s = await client.create_session(session_id=sid, **session_kwargs(cluster))
+                    p = f"busy poll prompt {i} nonce {NONCE}"
+                    ev = await s.send_and_wait(p, timeout=SEND_TIMEOUT_S)
+                    replies[p] = reply_text(ev)
+                    await s.disconnect()
+                return replies
+
+        for prompt, reply in run(go()).items():
+            assert reply == echo(prompt)
+        time.sleep(0.5)
+        before = _cpu_seconds(px.proc.pid)
+        time.sleep(2.0)
+        idle = _cpu_seconds(px.proc.pid) - before
+        assert idle < 0.4, f"proxy used {idle:.2f} s of CPU in 2 s without traffic"
+    finally:
+        px.proc.stop()
