@@ -9,7 +9,8 @@
 //! Environment: `LG_OUT` output dir (default `benches/results`), `LG_IDLE` idle connections
 //! (default 10000), `LG_QUICK=1` a short run, `LG_HAPROXY` the haproxy binary (default
 //! `haproxy` on PATH; skipped when absent), `LG_ONLY` a comma list of the parts to run
-//! (`low,busy,two,stream,frames,idle`; default all).
+//! (`low,busy,two,stream,frames,idle`; default all), `LG_LB_BIN` a copilot-lb binary to run
+//! for the plain "copilot-lb" column instead of this build (A/B comparisons).
 
 #[path = "lg/mod.rs"]
 mod lg;
@@ -23,8 +24,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Rounds each load scenario is split into, interleaving the paths.
+/// Rounds each scenario is split into, interleaving the paths.
 const ROUNDS: usize = 5;
+
+/// Rounds for a load scenario: the low-load latency run gets more, shorter ones, because its
+/// paired added-latency estimate is a median over rounds.
+fn rounds_of(scen: &str) -> usize {
+    if scen.starts_with("low") {
+        12
+    } else {
+        ROUNDS
+    }
+}
 /// The busy-poll budget of the "copilot-lb busy-poll" column.
 const BUSY_POLL: &str = "runtime:\n  busy_poll: 200us\n";
 
@@ -177,7 +188,12 @@ fn spawn_lb(
     yaml.push_str(extra);
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+    // LG_LB_BIN: another copilot-lb build for the plain "copilot-lb" column (A/B comparisons).
+    let bin = std::env::var("LG_LB_BIN")
+        .ok()
+        .filter(|b| !b.is_empty() && name == "copilot-lb")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_copilot-lb").into());
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&cfg)
@@ -292,7 +308,39 @@ struct Report {
     /// scenario → process → CPU share of one core (cpu-seconds / wall-seconds).
     cpu: BTreeMap<String, BTreeMap<String, f64>>,
     two_backends: BTreeMap<String, LoadResult>,
+    /// scenario → path → (p50, p99) added over direct: the median over rounds of the
+    /// difference to direct measured in the same round.
+    added: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     notes: Vec<String>,
+}
+
+/// Median over rounds of each round's percentile difference between a path and direct.
+fn paired_added(path: &[LoadResult], direct: &[LoadResult]) -> (f64, f64) {
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            0.0
+        } else if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        }
+    };
+    let per_round: Vec<(f64, f64)> = path
+        .iter()
+        .zip(direct)
+        .map(|(p, d)| {
+            let (p, d) = (
+                lg::Pct::of(p.samples.clone()),
+                lg::Pct::of(d.samples.clone()),
+            );
+            (p.p50 - d.p50, p.p99 - d.p99)
+        })
+        .collect();
+    (
+        med(per_round.iter().map(|x| x.0).collect()),
+        med(per_round.iter().map(|x| x.1).collect()),
+    )
 }
 
 /// CPU probes over a scenario.
@@ -470,8 +518,8 @@ async fn run() {
     let low = LoadSpec {
         conns: 1,
         sessions: 1,
-        duration: scale(3000),
-        max_ops: 20_000,
+        duration: scale(4800),
+        max_ops: 36_000,
         stream_every: 0,
         stream_count: 0,
         stream_size: 0,
@@ -509,12 +557,13 @@ async fn run() {
         // Interleaved rounds, so a slow spell of the machine hits every path alike.
         let mut rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); targets.len()];
         let mut cpu_acc: Vec<BTreeMap<String, (f64, f64)>> = vec![BTreeMap::new(); targets.len()];
+        let n_rounds = rounds_of(scen);
         let part_spec = LoadSpec {
-            duration: spec.duration / ROUNDS as u32,
-            max_ops: spec.max_ops / ROUNDS,
+            duration: spec.duration / n_rounds as u32,
+            max_ops: spec.max_ops / n_rounds,
             ..spec.clone()
         };
-        for _ in 0..ROUNDS {
+        for _ in 0..n_rounds {
             for (i, (t, proxy_pid)) in targets.iter().enumerate() {
                 let cpu = cpu_probe(&fake, *proxy_pid, self_pid);
                 let _awake = Awake::new(t, &spinners);
@@ -527,6 +576,14 @@ async fn run() {
                 }
                 rounds[i].push(r);
             }
+        }
+        for (i, (t, _)) in targets.iter().enumerate() {
+            let added = paired_added(&rounds[i], &rounds[0]);
+            report
+                .added
+                .entry(scen.to_string())
+                .or_default()
+                .insert(t.name.clone(), added);
         }
         for (i, (t, _)) in targets.iter().enumerate() {
             let r = LoadResult::merge(std::mem::take(&mut rounds[i]));
@@ -831,7 +888,24 @@ fn markdown(
                 _ => "–".into(),
             })
             .collect();
-        s.push_str(&format!("| | added p50 / p99 | {} |\n", added.join(" | ")));
+        s.push_str(&format!(
+            "| | added p50 / p99 (pooled) | {} |\n",
+            added.join(" | ")
+        ));
+        let paired: Vec<String> = ts
+            .iter()
+            .map(|t| {
+                r.added
+                    .get(*scen)
+                    .and_then(|m| m.get(t))
+                    .map_or("–".into(), |(a, b)| format!("{a:+.1} / {b:+.1} µs"))
+            })
+            .collect();
+        s.push_str(&format!(
+            "| | added p50 / p99 (paired, median of {} rounds) | {} |\n",
+            rounds_of(scen),
+            paired.join(" | ")
+        ));
         row(
             &mut s,
             "",
@@ -926,29 +1000,22 @@ fn markdown(
             lg::ratio(two.req_per_s, one.req_per_s)
         ));
     }
-    s.push_str("\n**Targets**:\n\n");
-    let lat = |scen: &str, t: &str| {
-        r.load
-            .get(scen)
-            .and_then(|m| m.get(t))
-            .map(|x| x.lat.clone())
-    };
+    s.push_str("\n**Targets** (added latency: the paired estimate — in each of the interleaved rounds, a path's percentile minus direct's in the same round; the median over rounds — which cancels the machine's slow drifts; the pooled figures above mix rounds):\n\n");
     let low = load_scen[0].0;
     for (lb, hap) in [
         ("copilot-lb", "HAProxy"),
         ("copilot-lb busy-poll", "HAProxy busy-polling"),
     ] {
-        let (Some(d), Some(l)) = (lat(low, "direct"), lat(low, lb)) else {
+        let added = |t: &str| r.added.get(low).and_then(|m| m.get(t)).copied();
+        let Some((a50, a99)) = added(lb) else {
             continue;
         };
-        let (a50, a99) = (l.p50 - d.p50, l.p99 - d.p99);
         s.push_str(&format!(
             "- {lb}: added latency at low load {a50:+.1} µs p50 (target ≤ +20): {}; {a99:+.1} µs p99 (target ≤ +40): {}\n",
             ok(a50 <= 20.0),
             ok(a99 <= 40.0)
         ));
-        if let Some(h) = lat(low, hap) {
-            let (h50, h99) = (h.p50 - d.p50, h.p99 - d.p99);
+        if let Some((h50, h99)) = added(hap) {
             s.push_str(&format!(
                 "- {hap} adds {h50:+.1} µs p50, {h99:+.1} µs p99: {lb} no worse: {} (p50), {} (p99)\n",
                 ok(a50 <= h50.max(0.0) + 1.0),

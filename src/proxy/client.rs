@@ -134,10 +134,14 @@ async fn run<R, W>(
     let started = Instant::now();
     debug!(conn = id, %peer, identity = ?conn.identity(), "client connected");
     let writer = tokio::spawn(wire::writer(w, out_rx));
+    // One cancellation waiter for the connection's life, not one registered per frame.
+    let cancelled = conn.cancel.clone().cancelled_owned();
+    tokio::pin!(cancelled);
     loop {
         let frame = tokio::select! {
+            biased;
+            _ = &mut cancelled => break,
             f = reader.read_frame() => f,
-            _ = conn.cancel.cancelled() => break,
         };
         match frame {
             Ok(Some(body)) => {
