@@ -9,8 +9,8 @@
 //! Environment: `LG_OUT` output dir (default `benches/results`), `LG_IDLE` idle connections
 //! (default 10000), `LG_QUICK=1` a short run, `LG_HAPROXY` the haproxy binary (default
 //! `haproxy` on PATH; skipped when absent), `LG_ONLY` a comma list of the parts to run
-//! (`low,busy,two,stream,frames,idle`; default all), `LG_LB_BIN` a copilot-lb binary to run
-//! for the plain "copilot-lb" column instead of this build (A/B comparisons).
+//! (`low,busy,two,stream,stream64,frames,idle`; default all), `LG_LB_BIN` a copilot-lb binary to run
+//! for the plain and mTLS "copilot-lb" columns instead of this build (A/B comparisons).
 
 #[path = "lg/mod.rs"]
 mod lg;
@@ -188,10 +188,10 @@ fn spawn_lb(
     yaml.push_str(extra);
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).unwrap();
-    // LG_LB_BIN: another copilot-lb build for the plain "copilot-lb" column (A/B comparisons).
+    // LG_LB_BIN: another copilot-lb build for the plain and mTLS columns (A/B comparisons).
     let bin = std::env::var("LG_LB_BIN")
         .ok()
-        .filter(|b| !b.is_empty() && name == "copilot-lb")
+        .filter(|b| !b.is_empty() && (name == "copilot-lb" || name == "copilot-lb-mtls"))
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_copilot-lb").into());
     let child = Command::new(bin)
         .arg("serve")
@@ -631,7 +631,10 @@ async fn run() {
             65_536,
         ),
     ];
-    for (scen, count, size) in streams.iter().filter(|_| part("stream")) {
+    for (scen, count, size) in streams
+        .iter()
+        .filter(|(_, _, size)| part("stream") || (*size > 1024 && part("stream64")))
+    {
         let mut rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); targets.len()];
         let mut cpu_acc: Vec<BTreeMap<String, (f64, f64)>> = vec![BTreeMap::new(); targets.len()];
         for _ in 0..ROUNDS {

@@ -126,6 +126,10 @@ impl Conn {
         self.out.extend_from_slice(body.as_bytes());
         let start = Instant::now();
         self.w.write_all(&self.out).await?;
+        // A TLS stream may keep encrypted records back until flushed (when the socket was
+        // not writable at the moment of the write); without a flush the request could sit
+        // in the client forever.
+        self.w.flush().await?;
         if self.out.capacity() > 1 << 20 {
             self.out = Vec::new();
         }
