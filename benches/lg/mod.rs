@@ -655,7 +655,9 @@ pub fn svg_plot(title: &str, panels: &[(String, Vec<Series>)]) -> String {
     let (pw, ph, ml, mt, mb) = (460.0, 320.0, 70.0, 50.0, 70.0);
     let width = ml + panels.len() as f64 * (pw + 40.0) + 20.0;
     let height = mt + ph + mb + 30.0;
-    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"];
+    let colors = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
     let mut s = String::new();
     let _ = write!(
         s,
