@@ -65,7 +65,11 @@ pub async fn start_on(
         .any(|l| l.mode == ListenerMode::Jsonrpc);
     let shared = Shared::new(cfg)?;
     if let Some(l) = loops {
-        info!(threads = l.threads(), busy_poll = ?shared.config().runtime.busy_poll.map(|m| m.0), "event loops started");
+        let busy = match shared.config().runtime.busy_poll {
+            Some(m) if !m.0.is_zero() => format!("{:?}", m.0),
+            _ => "off".into(),
+        };
+        info!(threads = l.threads(), busy_poll = %busy, "event loops started");
         shared.set_loops(l);
     }
     if jsonrpc {
