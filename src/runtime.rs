@@ -245,6 +245,9 @@ mod tests {
 
     #[test]
     fn poller_sleeps_when_idle_and_wakes_on_a_frame() {
+        // Budget and waits far apart, so a busy CI machine pausing this thread for a few
+        // milliseconds cannot flip the outcome.
+        let budget = Duration::from_millis(100);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -253,22 +256,22 @@ mod tests {
             let local = tokio::task::LocalSet::new();
             local
                 .run_until(async {
-                    tokio::task::spawn_local(poll_busily(Duration::from_millis(5)));
+                    tokio::task::spawn_local(poll_busily(budget));
                     // Busy while frames arrive more often than the budget.
                     for _ in 0..20 {
                         activity();
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                         assert!(!poller_asleep(), "poller slept despite activity");
                     }
-                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    tokio::time::sleep(budget * 4).await;
                     assert!(poller_asleep(), "poller still spinning after its budget");
                     activity();
                     assert!(!poller_asleep());
-                    tokio::task::yield_now().await;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    assert!(!poller_asleep(), "poller did not resume after a frame");
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    assert!(poller_asleep());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    assert!(!poller_asleep(), "poller slept again at once");
+                    // Asleep again only if it resumed spinning after the frame.
+                    tokio::time::sleep(budget * 4).await;
+                    assert!(poller_asleep(), "poller did not resume after a frame");
                 })
                 .await;
         });
