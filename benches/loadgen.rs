@@ -10,7 +10,9 @@
 //! (default 10000), `LG_QUICK=1` a short run, `LG_HAPROXY` the haproxy binary (default
 //! `haproxy` on PATH; skipped when absent), `LG_ONLY` a comma list of the parts to run
 //! (`low,busy,two,stream,stream64,frames,idle`; default all), `LG_LB_BIN` a copilot-lb binary to run
-//! for the plain and mTLS "copilot-lb" columns instead of this build (A/B comparisons).
+//! for the plain and mTLS "copilot-lb" columns instead of this build (A/B comparisons),
+//! `LG_LB_EXTRA` YAML appended to the plain column's config (tuning experiments; `\n` for
+//! newlines).
 
 #[path = "lg/mod.rs"]
 mod lg;
@@ -428,7 +430,10 @@ async fn run() {
     let tls_dir = tmp.join("pki");
     std::fs::create_dir_all(&tls_dir).unwrap();
     let tls = lg::mtls_pki(&tls_dir);
-    let (lb, lb_addr) = spawn_lb("copilot-lb", &[fake_addr], None, "", &tmp);
+    let extra = std::env::var("LG_LB_EXTRA")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
+    let (lb, lb_addr) = spawn_lb("copilot-lb", &[fake_addr], None, &extra, &tmp);
     let (lbb, lbb_addr) = spawn_lb("copilot-lb-busy", &[fake_addr], None, BUSY_POLL, &tmp);
     let (lbt, lbt_addr) = spawn_lb("copilot-lb-mtls", &[fake_addr], Some(&tls_dir), "", &tmp);
     let (lb2, lb2_addr) = spawn_lb(
