@@ -449,6 +449,14 @@ pub struct HealthConfig {
     /// Consecutive failures that mark a backend down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Cap on the probe interval while a backend stays down: it starts at `interval` and
+    /// doubles with each failed probe up to this (HAProxy's `downinter`, with back-off).
+    #[serde(default = "default_max_down_interval")]
+    pub max_down_interval: Millis,
+}
+
+fn default_max_down_interval() -> Millis {
+    Millis(Duration::from_secs(10))
 }
 
 fn default_interval() -> Millis {
@@ -471,6 +479,7 @@ impl Default for HealthConfig {
             timeout: default_probe_timeout(),
             rise: default_rise(),
             fall: default_fall(),
+            max_down_interval: default_max_down_interval(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! failed probe never moves a session.
 
 use crate::backend::{Backend, Check};
+use crate::config::HealthConfig;
 use crate::metrics::{BackendLabels, TransitionLabels};
 use crate::proxy::Shared;
 use rand::Rng;
@@ -43,7 +44,6 @@ pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool
     } else {
         b.oks.store(0, Ordering::Relaxed);
         let fails = b.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        b.probe_now.notify_one();
         if b.healthy() && fails >= cfg.health.fall {
             // Fencing closes every link to it, so the CLI releases its sessions if it lives.
             b.set_healthy(false);
@@ -92,9 +92,56 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
     }
 }
 
+/// Where a backend is in the probe schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Up, last check passed.
+    Healthy,
+    /// Up, but the last checks failed: confirm or clear quickly.
+    Suspect,
+    /// Marked down; `failed` probes since it went down.
+    Down { failed: u32 },
+}
+
+impl Phase {
+    fn of(b: &Backend, fall: u32) -> Phase {
+        let fails = b.fails.load(Ordering::Relaxed);
+        match (b.healthy(), fails) {
+            (true, 0) => Phase::Healthy,
+            (true, _) => Phase::Suspect,
+            (false, n) => Phase::Down {
+                failed: n.saturating_sub(fall),
+            },
+        }
+    }
+}
+
+/// The fast interval used while a verdict is pending, and the least time between two probes.
+pub(crate) fn fast_interval(cfg: &HealthConfig) -> Duration {
+    (cfg.interval.0 / 8).max(Duration::from_millis(50))
+}
+
+/// Time until the next probe (before jitter). A down backend is probed at `interval`, doubling
+/// with each further failure up to `max_down_interval`: a dead or remote host costs a probe
+/// every few seconds per replica, never a connect loop.
+pub(crate) fn next_delay(phase: Phase, cfg: &HealthConfig) -> Duration {
+    match phase {
+        Phase::Healthy => cfg.interval.0,
+        Phase::Suspect => fast_interval(cfg).min(cfg.interval.0),
+        Phase::Down { failed } => {
+            let cap = cfg.max_down_interval.0.max(cfg.interval.0);
+            cfg.interval
+                .0
+                .checked_mul(1u32 << failed.min(16))
+                .map_or(cap, |d| d.min(cap))
+        }
+    }
+}
+
 async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
     loop {
         let cfg = shared.config();
+        let started = Instant::now();
         let res = probe(&b, cfg.health.timeout.0).await;
         let l = BackendLabels {
             backend: b.name.clone(),
@@ -118,20 +165,22 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
                 record(&shared, &b, false, &e);
             }
         }
-        // While a verdict is pending (some failures, still up) probe fast, so a dead backend is
-        // confirmed within fall × fast interval rather than fall × interval.
-        let suspect = b.fails.load(Ordering::Relaxed) > 0 && b.healthy();
-        let base = if suspect {
-            (cfg.health.interval.0 / 8).max(Duration::from_millis(50))
-        } else {
-            cfg.health.interval.0
-        };
+        let phase = Phase::of(&b, cfg.health.fall);
         let jitter = rand::rng().random_range(0.9..1.1);
-        let wait = base.mul_f64(jitter);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = b.probe_now.notified(), if !suspect => {}
+        let wait = next_delay(phase, &cfg.health).mul_f64(jitter);
+        // Only a healthy backend takes an early probe from a live-traffic failure; once it is
+        // suspect or down the schedule alone decides, so failures can never feed a loop.
+        let early = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = b.probe_now.notified(), if phase == Phase::Healthy => true,
             _ = shared.shutdown.cancelled() => return,
+        };
+        if early {
+            let gap = fast_interval(&cfg.health).saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(gap) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
         }
     }
 }
@@ -162,5 +211,53 @@ pub async fn supervise(shared: Arc<Shared>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Millis;
+
+    fn cfg(interval_ms: u64, cap_ms: u64) -> HealthConfig {
+        HealthConfig {
+            interval: Millis(Duration::from_millis(interval_ms)),
+            max_down_interval: Millis(Duration::from_millis(cap_ms)),
+            ..HealthConfig::default()
+        }
+    }
+
+    #[test]
+    fn down_backends_back_off_to_the_cap() {
+        let c = cfg(2000, 10_000);
+        let d = |failed| next_delay(Phase::Down { failed }, &c).as_millis();
+        assert_eq!(d(0), 2000);
+        assert_eq!(d(1), 4000);
+        assert_eq!(d(2), 8000);
+        assert_eq!(d(3), 10_000);
+        assert_eq!(d(u32::MAX), 10_000);
+    }
+
+    #[test]
+    fn never_probes_faster_than_the_fast_interval() {
+        for (i, cap) in [(1, 1), (100, 50), (2000, 10_000), (u64::MAX / 4, 1)] {
+            let c = cfg(i, cap);
+            for p in [
+                Phase::Healthy,
+                Phase::Suspect,
+                Phase::Down { failed: 0 },
+                Phase::Down { failed: 40 },
+            ] {
+                let d = next_delay(p, &c);
+                assert!(
+                    d >= fast_interval(&c).min(c.interval.0),
+                    "{p:?} {i} {cap}: {d:?}"
+                );
+            }
+        }
+        assert_eq!(
+            next_delay(Phase::Suspect, &cfg(2000, 1)),
+            Duration::from_millis(250)
+        );
     }
 }

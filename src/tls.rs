@@ -336,6 +336,18 @@ pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// A boxed writer half (plain TCP or TLS).
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// With nothing listening on a loopback port, the kernel can pick that very port as the
+/// ephemeral source and complete a TCP simultaneous open with itself; the socket would then
+/// hold the port (TIME-WAIT) that the restarting backend needs. Refused, as Go's net does.
+fn not_self(stream: &TcpStream, address: &str) -> Result<(), String> {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) if local == peer => Err(format!(
+            "connected to itself at {local}: nothing listens on {address}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Dials `address` with TCP_NODELAY and, if configured, TLS.
 pub async fn dial(
     address: &str,
@@ -344,6 +356,7 @@ pub async fn dial(
     let stream = TcpStream::connect(address)
         .await
         .map_err(|e| e.to_string())?;
+    not_self(&stream, address)?;
     let _ = stream.set_nodelay(true);
     match tls {
         None => {
@@ -360,5 +373,27 @@ pub async fn dial(
             let (r, w) = tokio::io::split(s);
             Ok((Box::new(r), Box::new(w)))
         }
+    }
+}
+
+#[cfg(test)]
+mod self_connect_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_self_connected_socket_is_refused() {
+        // Bind a port, then connect to it from itself: a TCP simultaneous open.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&port.into()).unwrap();
+        s.connect(&port.into()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let stream = TcpStream::from_std(s.into()).unwrap();
+        let err = not_self(&stream, &port.to_string()).unwrap_err();
+        assert!(err.contains("connected to itself"), "{err}");
     }
 }

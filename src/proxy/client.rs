@@ -737,6 +737,10 @@ impl ClientConn {
     /// Makes sure `sid` is live on a healthy backend that this connection has joined it on,
     /// applying the failover policy. `suspect` names a backend whose link just failed while
     /// health still calls it up: the verdict is awaited (bounded) before anything moves.
+    ///
+    /// One loop, one deadline: each pass either waits for a verdict, resumes on the next
+    /// candidate of the session's ranking, or gives up. A candidate that cannot be reached
+    /// (it died too: a double failure) is skipped, not a reason to declare the session lost.
     async fn ensure_session(
         self: &Arc<Self>,
         sid: &str,
@@ -744,6 +748,14 @@ impl ClientConn {
     ) -> Result<Arc<Backend>, Refusal> {
         let cfg = self.shared.config();
         let deadline = Instant::now() + cfg.sessions.detect_timeout();
+        let mut unreachable: Vec<String> = Vec::new();
+        let out_of_time = |sid: &str| {
+            Refusal {
+            code: rpc::BACKEND_UNAVAILABLE,
+            message: format!("session {sid}: no backend could take it in time; the request was not processed and may be retried"),
+            retryable: true,
+        }
+        };
         loop {
             let placed = self.shared.sessions.get(sid);
             let current = match &placed {
@@ -752,9 +764,13 @@ impl ClientConn {
             };
             if let Some(b) = &current {
                 if b.state() != State::Down {
-                    let in_doubt =
-                        suspect == Some(b.name.as_str()) && b.fails.load(Ordering::Relaxed) > 0;
-                    if in_doubt && Instant::now() < deadline {
+                    let failing = b.fails.load(Ordering::Relaxed) > 0;
+                    let in_doubt = failing
+                        && (suspect == Some(b.name.as_str()) || unreachable.contains(&b.name));
+                    if in_doubt {
+                        if Instant::now() >= deadline {
+                            return Err(out_of_time(sid));
+                        }
                         // One failed connection is not a verdict; wait for the health checker.
                         let _ = tokio::time::timeout(
                             Duration::from_millis(100),
@@ -765,11 +781,19 @@ impl ClientConn {
                     }
                     let params = self.lock().joined.get(sid).cloned();
                     if let Some(j) = params.filter(|j| j.backend != b.name) {
-                        self.rejoin(sid, b, j.params.as_deref()).await.map_err(|e| Refusal {
-                            code: rpc::SESSION_LOST,
-                            message: format!("session {sid} moved to backend {} but could not be resumed there: {e}; it must be recreated", b.name),
-                            retryable: false,
-                        })?;
+                        match self.rejoin(sid, b, j.params.as_deref(), deadline).await {
+                            Ok(()) => {}
+                            Err(RejoinError::Unreachable(e)) => {
+                                debug!(conn = self.id, session = %sid, backend = %b.name, error = %e, "rejoin could not reach the backend");
+                                unreachable.push(b.name.clone());
+                                continue;
+                            }
+                            Err(RejoinError::Refused(e)) => return Err(Refusal {
+                                code: rpc::SESSION_LOST,
+                                message: format!("session {sid} moved to backend {} but could not be resumed there: {e}; it must be recreated", b.name),
+                                retryable: false,
+                            }),
+                        }
                     }
                     return Ok(b.clone());
                 }
@@ -797,39 +821,68 @@ impl ClientConn {
                     retryable: false,
                 });
             }
+            if Instant::now() >= deadline {
+                return Err(out_of_time(sid));
+            }
             let tenant = self.tenant();
             let all = self.shared.pool.all();
             let order = balance::rank(sid, all.iter().map(|b| (b.name.as_str(), b.weight)));
-            let target = order.iter().map(|i| all[*i].clone()).find(|b| {
-                b.name != old && b.state() == State::Up && tenant.allows_backend(&b.name)
-            });
-            let Some(target) = target else {
-                return Err(Refusal {
-                    code: rpc::BACKEND_UNAVAILABLE,
-                    message: format!(
-                        "session {sid}: its backend {old} is down and no other backend is up"
-                    ),
-                    retryable: true,
-                });
+            let views: Vec<CandidateView<'_>> = order
+                .iter()
+                .map(|i| {
+                    let b = &all[*i];
+                    CandidateView {
+                        name: &b.name,
+                        up: b.state() == State::Up && tenant.allows_backend(&b.name),
+                        failing: b.fails.load(Ordering::Relaxed) > 0,
+                    }
+                })
+                .collect();
+            let Some(pick) = failover_target(&views, &old, &unreachable) else {
+                if unreachable.is_empty() {
+                    return Err(Refusal {
+                        code: rpc::BACKEND_UNAVAILABLE,
+                        message: format!(
+                            "session {sid}: its backend {old} is down and no other backend is up"
+                        ),
+                        retryable: true,
+                    });
+                }
+                // Every candidate failed to answer: give health a moment, then walk again.
+                unreachable.clear();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             };
+            let target = all[order[pick]].clone();
             let params = self.lock().joined.get(sid).cloned();
             if let Some(j) = params {
                 // The old backend is down, so its links are fenced and the CLI releases the
                 // session before another process resumes it: never live on two backends.
-                if let Err(e) = self.rejoin(sid, &target, j.params.as_deref()).await {
-                    self.shared
-                        .metrics
-                        .failover_failures
-                        .get_or_create(&crate::metrics::BackendLabels {
-                            backend: old.clone(),
-                        })
-                        .inc();
-                    warn!(conn = self.id, session = %sid, from = %old, to = %target.name, error = %e, "failover resume failed");
-                    return Err(Refusal {
-                        code: rpc::SESSION_LOST,
-                        message: format!("session {sid} lived on backend {old}, which is down, and could not be resumed on {}: {e}; it must be recreated", target.name),
-                        retryable: false,
-                    });
+                match self
+                    .rejoin(sid, &target, j.params.as_deref(), deadline)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(RejoinError::Unreachable(e)) => {
+                        warn!(conn = self.id, session = %sid, from = %old, to = %target.name, error = %e, "failover candidate unreachable; trying the next");
+                        unreachable.push(target.name.clone());
+                        continue;
+                    }
+                    Err(RejoinError::Refused(e)) => {
+                        self.shared
+                            .metrics
+                            .failover_failures
+                            .get_or_create(&crate::metrics::BackendLabels {
+                                backend: old.clone(),
+                            })
+                            .inc();
+                        warn!(conn = self.id, session = %sid, from = %old, to = %target.name, error = %e, "failover resume failed");
+                        return Err(Refusal {
+                            code: rpc::SESSION_LOST,
+                            message: format!("session {sid} lived on backend {old}, which is down, and could not be resumed on {}: {e}; it must be recreated", target.name),
+                            retryable: false,
+                        });
+                    }
                 }
             }
             let now_on = self
@@ -852,26 +905,49 @@ impl ClientConn {
         }
     }
 
-    /// Resumes `sid` on `b` for this connection with the parameters it last used.
+    /// Resumes `sid` on `b` for this connection with the parameters it last used, within
+    /// `deadline` (at least a second, as a resume loads the session from disk).
     async fn rejoin(
         self: &Arc<Self>,
         sid: &str,
         b: &Arc<Backend>,
         params: Option<&str>,
-    ) -> Result<(), String> {
+        deadline: Instant,
+    ) -> Result<(), RejoinError> {
         let mut p: serde_json::Map<String, Value> = params
             .and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default();
         p.insert("sessionId".into(), Value::String(sid.to_string()));
         let link = self.link(b);
-        let reply = link.call("session.resume", &Value::Object(p)).await?;
-        let v: Value = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let reply = match tokio::time::timeout(
+            budget,
+            link.call("session.resume", &Value::Object(p)),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(RejoinError::Unreachable(e)),
+            Err(_) => {
+                // It may still resume there: closing this link makes the CLI release it, so
+                // the session is never live on two backends.
+                link.close();
+                return Err(RejoinError::Unreachable(format!(
+                    "no reply to session.resume in {budget:?}"
+                )));
+            }
+        };
+        let v: Value =
+            serde_json::from_slice(&reply).map_err(|e| RejoinError::Refused(e.to_string()))?;
         if let Some(err) = v.get("error") {
-            return Err(err
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("resume failed")
-                .to_string());
+            return Err(RejoinError::Refused(
+                err.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("resume failed")
+                    .to_string(),
+            ));
         }
         let mut st = self.lock();
         if let Some(j) = st.joined.get_mut(sid) {
@@ -1437,6 +1513,40 @@ impl ClientConn {
     }
 }
 
+/// Why a re-resume did not happen.
+#[derive(Debug)]
+enum RejoinError {
+    /// The backend could not be reached or did not answer: try another.
+    Unreachable(String),
+    /// The backend answered with an error: the session cannot be resumed there.
+    Refused(String),
+}
+
+/// What failover needs to know of one backend in a session's ranking.
+#[derive(Debug, Clone, Copy)]
+struct CandidateView<'a> {
+    name: &'a str,
+    /// Up (not draining, not down) and allowed for the tenant.
+    up: bool,
+    /// Its last check failed (it may be dying too).
+    failing: bool,
+}
+
+/// The failover target's index in `ranking`: the first up backend other than `old` and the ones
+/// already found unreachable, preferring those whose last check passed.
+fn failover_target(
+    ranking: &[CandidateView<'_>],
+    old: &str,
+    unreachable: &[String],
+) -> Option<usize> {
+    let ok =
+        |c: &CandidateView<'_>| c.up && c.name != old && !unreachable.iter().any(|u| u == c.name);
+    ranking
+        .iter()
+        .position(|c| ok(c) && !c.failing)
+        .or_else(|| ranking.iter().position(ok))
+}
+
 fn gate_of(guard: &Option<tokio::sync::OwnedMutexGuard<()>>) -> Arc<tokio::sync::Mutex<()>> {
     match guard {
         Some(g) => tokio::sync::OwnedMutexGuard::mutex(g).clone(),
@@ -1486,6 +1596,28 @@ fn inject_session_id(body: &[u8], sid: &str) -> Option<(Vec<u8>, (usize, usize))
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(name: &str, up: bool, failing: bool) -> CandidateView<'_> {
+        CandidateView { name, up, failing }
+    }
+
+    #[test]
+    fn failover_walks_the_ranking_past_dead_candidates() {
+        let r = [
+            view("a", false, true),
+            view("b", true, true),
+            view("c", true, false),
+        ];
+        // b failed its last check (it died with a): c first.
+        assert_eq!(failover_target(&r, "a", &[]), Some(2));
+        // c unreachable: b is still worth a try.
+        assert_eq!(failover_target(&r, "a", &["c".into()]), Some(1));
+        assert_eq!(failover_target(&r, "a", &["c".into(), "b".into()]), None);
+        // Never the old backend, even if it reads as up.
+        let r = [view("a", true, false), view("b", true, false)];
+        assert_eq!(failover_target(&r, "a", &[]), Some(1));
+        assert_eq!(failover_target(&[view("a", true, false)], "a", &[]), None);
+    }
 
     #[test]
     fn inject_into_params() {

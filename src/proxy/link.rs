@@ -218,12 +218,15 @@ impl Link {
                 _ => None,
             })
             .collect();
+        let mut unsent = unsent;
         let mut in_flight = Vec::new();
         for (_, p) in pending {
             match p {
                 Pending::Internal(tx) => {
                     let _ = tx.send(Err(reason.clone()));
                 }
+                // The writer takes the body as it writes; one still holding it never left.
+                Pending::Client(req) if !req.body.is_empty() => unsent.push(req),
                 Pending::Client(req) => in_flight.push(req),
             }
         }
@@ -348,7 +351,10 @@ async fn session(
             }
         }
     };
+    // Reads first: when the backend has closed and a request is queued at the same wake-up,
+    // the close must be seen before the request is written, so it is re-routed, not lost.
     tokio::select! {
+        biased;
         end = read_loop => end,
         res = writer => match res {
             Ok(()) => LinkEnd::Closed,

@@ -268,6 +268,8 @@ impl Shared {
             })
             .inc();
         crate::health::record(self, backend, false, &format!("passive: {error}"));
+        // One early probe to confirm; the prober ignores it unless the backend was healthy.
+        backend.probe_now.notify_one();
     }
 }
 
