@@ -15,6 +15,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 /// How much of an oversized body is kept to recover its request id for the error reply.
 const OVERSIZE_PEEK: usize = 64 * 1024;
+/// The longest oversized body that is skipped to keep the stream in sync. A longer one (a
+/// `Content-Length: 999999999999`) would take minutes or forever to skip; the connection is
+/// closed after the error reply instead.
+pub const MAX_SKIP_BYTES: usize = 1 << 30;
 
 /// Framing errors; each says whether the stream can continue.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +38,19 @@ pub enum CodecError {
     /// A header line that is not `Name: value`.
     #[error("malformed header line {0:?}")]
     MalformedHeader(String),
-    /// The body is larger than the limit; it was skipped and the stream is still in sync.
+    /// The body is larger than the limit. Reported as soon as the header is read, so the
+    /// sender hears of it before it has sent the body; the next read skips the body, keeping
+    /// the stream in sync, unless it is too long to skip (`skippable` false).
     #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
     FrameTooLarge {
         /// Declared body length.
         len: usize,
         /// The configured limit.
         limit: usize,
-        /// The start of the skipped body, to recover the request id.
+        /// The start of the body, as far as it had arrived, to recover the request id.
         head: Bytes,
+        /// Whether the body will be skipped (false: the stream cannot continue).
+        skippable: bool,
     },
     /// The peer closed the stream in the middle of a frame.
     #[error("connection closed in the middle of a frame")]
@@ -55,7 +63,13 @@ pub enum CodecError {
 impl CodecError {
     /// Whether the stream is still aligned on a frame boundary after this error.
     pub fn recoverable(&self) -> bool {
-        matches!(self, CodecError::FrameTooLarge { .. })
+        matches!(
+            self,
+            CodecError::FrameTooLarge {
+                skippable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -226,6 +240,8 @@ pub struct FrameReader<R> {
     /// Read size for the next frame: the last frame's size, so a stream of large frames is
     /// read in a few big reads instead of a small one per header.
     chunk: usize,
+    /// Bytes of an oversized body still to discard before the next header.
+    skip: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -238,6 +254,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             limits,
             on_partial: None,
             chunk: READ_CHUNK,
+            skip: 0,
         }
     }
 
@@ -281,6 +298,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Returns the next frame body, `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
+        if self.skip > 0 {
+            self.skip_rest().await?;
+        }
         let mut told = false;
         loop {
             match scan_header(&self.buf, self.limits.max_header)? {
@@ -290,11 +310,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 } => {
                     if body_len > self.limits.max_frame {
                         self.buf.advance(header_len);
-                        let head = self.skip_body(body_len).await?;
+                        let have = self.buf.len().min(body_len);
+                        let head = Bytes::copy_from_slice(&self.buf[..have.min(OVERSIZE_PEEK)]);
+                        self.buf.advance(have);
+                        self.skip = body_len - have;
                         return Err(CodecError::FrameTooLarge {
                             len: body_len,
                             limit: self.limits.max_frame,
                             head,
+                            skippable: body_len <= MAX_SKIP_BYTES,
                         });
                     }
                     let need = header_len + body_len;
@@ -335,20 +359,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Discards `len` body bytes without buffering them, keeping the first few KiB.
-    async fn skip_body(&mut self, len: usize) -> Result<Bytes, CodecError> {
-        let mut head = Vec::new();
-        let mut left = len;
+    /// Discards the rest of an oversized body without buffering it.
+    async fn skip_rest(&mut self) -> Result<(), CodecError> {
         loop {
-            let take = left.min(self.buf.len());
-            if head.len() < OVERSIZE_PEEK {
-                let keep = take.min(OVERSIZE_PEEK - head.len());
-                head.extend_from_slice(&self.buf[..keep]);
-            }
+            let take = self.skip.min(self.buf.len());
             self.buf.advance(take);
-            left -= take;
-            if left == 0 {
-                return Ok(Bytes::from(head));
+            self.skip -= take;
+            if self.skip == 0 {
+                return Ok(());
             }
             self.buf.clear();
             if self.fill().await? == 0 {
@@ -462,6 +480,49 @@ mod tests {
         );
         assert!(got[0].as_ref().unwrap_err().contains("exceeds the limit"));
         assert_eq!(got[1].as_ref().unwrap().as_ref(), b"{}");
+    }
+
+    #[test]
+    fn oversized_frame_is_reported_before_its_body_arrives() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let limits = Limits {
+                max_header: 1024,
+                max_frame: 8,
+            };
+            let (mut w, r) = tokio::io::duplex(1 << 16);
+            let mut r = FrameReader::new(r, limits);
+            w.write_all(b"Content-Length: 20\r\n\r\n{\"id\":7,")
+                .await
+                .unwrap();
+            let t = std::time::Duration::from_secs(5);
+            match tokio::time::timeout(t, r.read_frame()).await.unwrap() {
+                Err(CodecError::FrameTooLarge {
+                    len: 20,
+                    head,
+                    skippable: true,
+                    ..
+                }) => assert_eq!(&head[..], b"{\"id\":7,"),
+                other => panic!("{other:?}"),
+            }
+            // The rest of the body is skipped on the next read; the stream stays in sync.
+            w.write_all(b"\"x\":\"abcdefg\"}Content-Length: 2\r\n\r\n{}")
+                .await
+                .unwrap();
+            let f = tokio::time::timeout(t, r.read_frame()).await.unwrap();
+            assert_eq!(&f.unwrap().unwrap()[..], b"{}");
+            // A length nobody could skip in reasonable time is reported at once, as fatal.
+            w.write_all(b"Content-Length: 999999999999\r\n\r\n{")
+                .await
+                .unwrap();
+            let e = tokio::time::timeout(t, r.read_frame()).await.unwrap();
+            let e = e.unwrap_err();
+            assert!(!e.recoverable(), "{e:?}");
+        });
     }
 
     #[test]

@@ -398,6 +398,14 @@ pub struct LimitsConfig {
     /// On SIGTERM, the absolute deadline for in-flight requests before connections are cut.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Millis,
+    /// Deepest nesting of arrays and objects accepted in a client frame (serde_json's own
+    /// limit is 128); deeper frames get -32700 from the proxy and never reach a backend.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
+}
+
+fn default_max_json_depth() -> usize {
+    128
 }
 
 fn default_shutdown_timeout() -> Millis {
@@ -429,6 +437,7 @@ impl Default for LimitsConfig {
             connect_timeout: default_connect_timeout(),
             handshake_timeout: default_handshake_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
+            max_json_depth: default_max_json_depth(),
         }
     }
 }

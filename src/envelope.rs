@@ -188,6 +188,58 @@ impl<'de: 'a, 'a> Deserialize<'de> for SessionIdValue<'a> {
     }
 }
 
+/// Checks what [`parse`] skips over without looking: the whole body is UTF-8 (RFC 8259 §8.1)
+/// and nests arrays and objects no deeper than `max_depth`. Both matter for what the proxy
+/// forwards untouched: a backend answers a frame it cannot parse with `id: null`, which
+/// nobody could route back to the sender.
+pub fn check_text(body: &[u8], max_depth: usize) -> Result<(), EnvelopeError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(EnvelopeError::Parse(format!(
+            "invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        )));
+    }
+    // Nesting deeper than max_depth needs more than max_depth brackets: one vectorised
+    // count settles almost every frame; only bracket-heavy ones get the exact scan.
+    if memchr::memchr2_iter(b'[', b'{', body).count() <= max_depth {
+        return Ok(());
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: brackets inside it do not nest.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        Some(p) if body[i + p] == b'\\' => i += p + 2,
+                        Some(p) => {
+                            i += p + 1;
+                            break;
+                        }
+                        // Unterminated: the JSON parser reports it.
+                        None => return Ok(()),
+                    }
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(EnvelopeError::Parse(format!(
+                        "nesting deeper than {max_depth} levels (limits.max_json_depth)"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Parses and validates the envelope of one frame body.
 pub fn parse(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -349,9 +401,8 @@ pub fn sniff_id(head: &[u8]) -> Option<String> {
         }
         None
     } else {
-        let end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '-'))
-            .unwrap_or(rest.len());
+        // A number running into the end of the buffer may have been cut: not an id.
+        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-'))?;
         let num = &rest[..end];
         num.parse::<i64>().ok().map(|_| num.to_string())
     }
@@ -360,6 +411,34 @@ pub fn sniff_id(head: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_check_refuses_bad_utf8_and_deep_nesting() {
+        let ok = br#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"message":"[[[{{{ \" [["}}"#;
+        assert_eq!(check_text(ok, 2), Ok(()));
+        let bad = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"params\":{\"m\":\"\xff\"}}";
+        assert_eq!(check_text(bad, 128).unwrap_err().code(), -32700);
+        let mut deep = br#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"a":"#.to_vec();
+        deep.extend(std::iter::repeat_n(b'[', 200));
+        deep.extend(std::iter::repeat_n(b']', 200));
+        deep.extend_from_slice(b"}}");
+        assert!(check_text(&deep, 128).is_err());
+        assert_eq!(check_text(&deep, 202), Ok(()));
+        // Many brackets side by side are not deep.
+        let mut wide = br#"{"a":"#.to_vec();
+        for _ in 0..500 {
+            wide.extend_from_slice(b"[],");
+        }
+        wide.extend_from_slice(b"0}");
+        assert_eq!(check_text(&wide, 128), Ok(()));
+    }
+
+    #[test]
+    fn sniffed_ids_are_never_cut() {
+        assert_eq!(sniff_id(br#"{"id":12"#), None);
+        assert_eq!(sniff_id(br#"{"id":123,"#).as_deref(), Some("123"));
+        assert_eq!(sniff_id(br#"{"id":"ab"#), None);
+    }
 
     #[test]
     fn request_with_string_id_and_session() {

@@ -63,6 +63,9 @@ impl From<FakeError> for io::Error {
     }
 }
 
+/// Nesting beyond which the fake, like the CLI, cannot parse a frame.
+const FAKE_MAX_DEPTH: usize = 10_000;
+
 /// Configuration of one fake CLI server.
 #[derive(Debug, Clone)]
 pub struct FakeConfig {
@@ -636,7 +639,10 @@ impl Inner {
     }
 
     async fn on_frame(self: &Arc<Self>, conn: &Arc<Conn>, body: Bytes) {
-        let env = match envelope::parse(&body) {
+        // The CLI's JSON parser gives up on very deep nesting and answers with `id: null`.
+        let parsed =
+            envelope::check_text(&body, FAKE_MAX_DEPTH).and_then(|()| envelope::parse(&body));
+        let env = match parsed {
             Ok(e) => e,
             Err(e) => {
                 if !self.stalled.load(Ordering::Relaxed) {

@@ -78,3 +78,119 @@ async fn two_backends_dying_at_once_lose_no_request() {
     })
     .await;
 }
+
+fn nested(levels: usize) -> String {
+    format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+/// `Content-Length: 999999999999` and one byte: the error comes at once, then the connection
+/// closes (nobody can skip a terabyte); a well-behaved connection is unaffected.
+#[tokio::test]
+async fn an_unskippable_length_is_answered_at_once_and_closes() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        c.send_raw(b"Content-Length: 999999999999\r\n\r\n{").await;
+        let f = c
+            .any_response(Duration::from_secs(3))
+            .await
+            .expect("no answer to an oversized frame");
+        assert_eq!(f.error_code(), Some(-32014), "{}", f.text());
+        assert_eq!(f.json["id"], Value::Null);
+        assert!(c.closed_within(Duration::from_secs(3)).await);
+        let mut other = Client::connected(addr).await;
+        other.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+/// An oversized frame is answered, with its id, as soon as its start arrives; once the body is
+/// sent the same connection carries on.
+#[tokio::test]
+async fn an_oversized_frame_is_answered_before_its_body_is_sent() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let mut cfg = config(&[fakes[0].addr()]);
+        cfg.limits.max_frame_bytes = 64 * 1024;
+        let (_run, addr) = proxy(cfg).await;
+        let mut c = Client::connected(addr).await;
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":"big-1","method":"ping","params":{{"message":"{}"}}}}"#,
+            "x".repeat(100_000)
+        );
+        let frame = copilot_lb::codec::encode_frame(body.as_bytes());
+        c.send_raw(&frame[..200]).await;
+        let f = c
+            .any_response(Duration::from_secs(3))
+            .await
+            .expect("no answer before the body was sent");
+        assert_eq!(f.error_code(), Some(-32014), "{}", f.text());
+        assert_eq!(f.json["id"], "big-1");
+        c.send_raw(&frame[200..]).await;
+        let r = c.call("ping", json!({"message": "after"})).await;
+        assert_eq!(r.json["result"]["message"], "pong: after", "{}", r.text());
+    })
+    .await;
+}
+
+/// RFC 8259 text is UTF-8: a body that is not gets -32700, never a `pong`.
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_a_parse_error() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        c.send_body(b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"ping\",\"params\":{\"message\":\"\xff\xfeok\"}}")
+            .await;
+        let f = c.response("5").await;
+        assert_eq!(f.error_code(), Some(-32700), "{}", f.text());
+        c.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+/// Nesting past `limits.max_json_depth` is refused by the proxy, with the request's id.
+#[tokio::test]
+async fn deep_nesting_is_refused_by_the_proxy() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":"deep","method":"session.create","params":{{"x":{}}}}}"#,
+            nested(100_000)
+        );
+        c.send_body(body.as_bytes()).await;
+        let f = c.response("\"deep\"").await;
+        assert_eq!(f.error_code(), Some(-32700), "{}", f.text());
+        assert_eq!(fakes[0].requests("session.create"), 0);
+        c.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+/// A backend that cannot parse a frame answers `id: null`; with one request outstanding on the
+/// link, that error is delivered to it instead of being dropped.
+#[tokio::test]
+async fn a_null_id_backend_error_reaches_the_only_request_in_flight() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let mut cfg = config(&[fakes[0].addr()]);
+        cfg.limits.max_json_depth = 1_000_000;
+        let (_run, addr) = proxy(cfg).await;
+        let mut c = Client::connected(addr).await;
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":"deep","method":"session.create","params":{{"sessionId":"nn-1","x":{}}}}}"#,
+            nested(50_000)
+        );
+        c.send_body(body.as_bytes()).await;
+        let f = c
+            .try_response("\"deep\"", Duration::from_secs(5))
+            .await
+            .expect("the backend's null-id error was dropped");
+        assert_eq!(f.error_code(), Some(-32700), "{}", f.text());
+        c.ok("ping", json!({})).await;
+    })
+    .await;
+}

@@ -137,6 +137,9 @@ async fn run<R, W>(
     // One cancellation waiter for the connection's life, not one registered per frame.
     let cancelled = conn.cancel.clone().cancelled_owned();
     tokio::pin!(cancelled);
+    // Closing with unread input makes the kernel send a reset, which can destroy the error
+    // reply before the client reads it; after a fatal framing error, input is drained briefly.
+    let mut linger = false;
     loop {
         let frame = tokio::select! {
             biased;
@@ -150,22 +153,35 @@ async fn run<R, W>(
                 conn.on_client_frame(body).await;
             }
             Ok(None) => break,
-            Err(CodecError::FrameTooLarge { len, limit, head }) => {
+            Err(CodecError::FrameTooLarge {
+                len,
+                limit,
+                head,
+                skippable,
+            }) => {
                 shared
                     .metrics
                     .bad_frames
                     .get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" })
                     .inc();
-                let id = envelope::sniff_id(&head).unwrap_or_else(|| "null".into());
-                warn!(conn = id, len, limit, "oversized frame refused");
-                let msg = format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes); it was discarded");
+                let rid = envelope::sniff_id(&head).unwrap_or_else(|| "null".into());
+                warn!(conn = id, request = %rid, len, limit, skippable, "oversized frame refused");
+                let msg = if skippable {
+                    format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes); it is discarded")
+                } else {
+                    format!("frame of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes) and is too long to skip; the connection is closed")
+                };
                 conn.reply_error(
-                    &id,
+                    &rid,
                     rpc::FRAME_TOO_LARGE,
                     &msg,
                     Some(rpc::data(false, json!({"limit": limit, "length": len}))),
                 )
                 .await;
+                if !skippable {
+                    linger = true;
+                    break;
+                }
             }
             Err(
                 e @ (CodecError::MissingContentLength
@@ -181,6 +197,7 @@ async fn run<R, W>(
                 warn!(conn = id, error = %e, "framing error; closing connection");
                 conn.reply_error("null", rpc::PARSE_ERROR, &e.to_string(), None)
                     .await;
+                linger = true;
                 break;
             }
             Err(e) => {
@@ -204,6 +221,14 @@ async fn run<R, W>(
             conn = id,
             "client did not read its last replies; connection dropped"
         );
+    }
+    if linger {
+        let mut rest = reader.into_inner();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+        )
+        .await;
     }
     shared.metrics.connections_active.dec();
     info!(conn = id, %peer, duration_ms = started.elapsed().as_millis() as u64, requests = summary.0, sessions = summary.1, "client connection closed");
@@ -303,7 +328,8 @@ impl ClientConn {
     }
 
     async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
-        let env = match envelope::parse(&body) {
+        let checked = envelope::check_text(&body, self.shared.max_json_depth());
+        let env = match checked.and_then(|()| envelope::parse(&body)) {
             Ok(e) => e,
             Err(e) => {
                 self.shared

@@ -147,6 +147,25 @@ impl Link {
         Ok(())
     }
 
+    /// The one client request written and unanswered, if there is exactly one (and nothing
+    /// the proxy itself is waiting for), taken out of the pending table.
+    fn take_sole_written(&self) -> Option<ClientReq> {
+        let mut inner = self.lock();
+        let mut written = inner.pending.iter().filter(|(_, p)| match p {
+            Pending::Client(req) => req.body.is_empty(),
+            Pending::Internal(_) => true,
+        });
+        let (pid, only) = written.next()?;
+        if written.next().is_some() || !matches!(only, Pending::Client(_)) {
+            return None;
+        }
+        let pid = *pid;
+        match inner.pending.remove(&pid) {
+            Some(Pending::Client(req)) => Some(req),
+            _ => None,
+        }
+    }
+
     /// Client requests written or queued and not yet answered.
     pub fn pending_client(&self) -> usize {
         self.lock()
@@ -343,7 +362,10 @@ async fn session(
                         })
                         .inc();
                     warn!(backend = %backend.name, error = %e, "oversized frame from backend discarded");
-                    if let crate::codec::CodecError::FrameTooLarge { len, limit, head } = e {
+                    if let crate::codec::CodecError::FrameTooLarge {
+                        len, limit, head, ..
+                    } = e
+                    {
                         oversized_reply(link, conn, len, limit, &head).await;
                     }
                 }
@@ -408,8 +430,19 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
     let env = match envelope::parse(&body) {
         Ok(e) => e,
         Err(e) => {
-            // An unparseable frame, or an error with id null, cannot be routed; a Rust SDK
-            // client would drop its connection on a null id, so it is logged, never forwarded.
+            // The CLI answers a frame it could not parse with `id: null`. With one request
+            // written and unanswered on this link, the error can only be its answer; otherwise
+            // it cannot be routed (a Rust SDK client would drop its connection on a null id).
+            if let Some(err) = null_id_error(&body) {
+                if let Some(meta) = link.take_sole_written() {
+                    let head = r#"{"jsonrpc":"2.0","id":"#;
+                    let out = format!(r#"{head}{},"error":{err}}}"#, meta.id.get());
+                    let span = (head.len(), head.len() + meta.id.get().len());
+                    return conn
+                        .backend_reply(link, meta, out.as_bytes(), span, true)
+                        .await;
+                }
+            }
             warn!(backend = %link.backend.name, error = %e, "unroutable frame from backend dropped");
             return;
         }
@@ -417,9 +450,7 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
     match env.kind {
         Kind::Response => {
             let Some(pid) = env.id_u64() else {
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                let err = v.get("error").map(|e| e.to_string()).unwrap_or_default();
-                warn!(backend = %link.backend.name, error = %err, "backend error without a routable id dropped");
+                debug!(backend = %link.backend.name, "backend reply with an id the proxy never sent dropped");
                 return;
             };
             let pending = link.lock().pending.remove(&pid);
@@ -458,4 +489,17 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
             conn.backend_request(link, id, span, &method, &body).await;
         }
     }
+}
+
+/// The `error` member of an error response whose id is null, as JSON text.
+fn null_id_error(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let o = v.as_object()?;
+    (o.get("id") == Some(&Value::Null) && !o.contains_key("method"))
+        .then(|| {
+            o.get("error")
+                .filter(|e| e.is_object())
+                .map(Value::to_string)
+        })
+        .flatten()
 }

@@ -43,6 +43,8 @@ pub struct Shared {
     reload_source: std::sync::Mutex<Option<(PathBuf, Overrides)>>,
     /// Event loops serving client connections (none: tasks on the current runtime).
     loops: std::sync::OnceLock<Arc<crate::runtime::Loops>>,
+    /// `limits.max_json_depth`, read on every client frame without taking the config lock.
+    max_json_depth: std::sync::atomic::AtomicUsize,
 }
 
 /// What a reload changed.
@@ -101,7 +103,11 @@ impl Shared {
             conns: DashMap::new(),
             reload_source: std::sync::Mutex::new(None),
             loops: std::sync::OnceLock::new(),
+            max_json_depth: std::sync::atomic::AtomicUsize::new(0),
         });
+        shared
+            .max_json_depth
+            .store(shared.config().limits.max_json_depth, Ordering::Relaxed);
         shared.refresh_gauges();
         Ok(shared)
     }
@@ -126,7 +132,14 @@ impl Shared {
 
     /// Swaps in a new config (already validated).
     pub fn set_config(&self, cfg: Config) {
+        self.max_json_depth
+            .store(cfg.limits.max_json_depth, Ordering::Relaxed);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+    }
+
+    /// Deepest nesting accepted in a client frame.
+    pub fn max_json_depth(&self) -> usize {
+        self.max_json_depth.load(Ordering::Relaxed)
     }
 
     /// The authentication policy in force.
