@@ -18,6 +18,9 @@ Tool calls: if the last user text contains `CALL_TOOL <name> <json-args>` and no
 follows it yet, the reply is one tool call to <name> with those arguments; once the tool
 result is in the conversation the reply is "TOOL RESULT: <result text>".
 
+History: if the last user text starts with `RECALL`, the reply is "RECALL: " + the earlier user
+texts of the conversation joined by " | " (what the model was shown of the history).
+
     fake_model.py --host 127.0.0.1 --port 0 [--log FILE] [--delay-ms N] [--port-file FILE]
 Prints "fake_model listening on http://127.0.0.1:<port>/v1" once ready.
 """
@@ -103,6 +106,10 @@ def plan_reply(messages: list[dict]) -> dict:
     tool_results = [m for m in messages[idx + 1:] if isinstance(m, dict) and m.get("role") == "tool"]
     if tool_results:
         return {"text": "TOOL RESULT: " + content_text(tool_results[-1].get("content"))}
+    if user.startswith("RECALL"):
+        earlier = [user_text(content_text(m.get("content"))) for m in messages[:idx]
+                   if isinstance(m, dict) and m.get("role") == "user"]
+        return {"text": "RECALL: " + " | ".join(earlier)}
     m = _CALL_TOOL.search(user)
     if m:
         return {"tool": (m.group(1), m.group(2) or "{}")}

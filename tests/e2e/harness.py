@@ -129,9 +129,16 @@ class Proc:
 
     def kill9(self) -> None:
         """SIGKILL the whole process group right now (a crash, for failover tests)."""
+        self.send_kill9()
+        self.reap()
+
+    def send_kill9(self) -> None:
+        """Only send SIGKILL to the group; `reap()` later (to crash several processes at once)."""
         self._signal_group(signal.SIGKILL)
+
+    def reap(self, timeout: float = 10.0) -> None:
         try:
-            self.popen.wait(timeout=10)
+            self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
 
@@ -250,6 +257,12 @@ class FakeModel:
 
     def chat_requests(self) -> list[dict]:
         return [r for r in self.requests() if r["method"] == "POST" and r["path"].endswith("/chat/completions")]
+
+    def reset(self) -> None:
+        """Forget the recorded requests (POST /__fake/reset)."""
+        req = urllib.request.Request(f"http://{LOOPBACK}:{self.port}/__fake/reset", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
 
     def stop(self) -> None:
         self.proc.stop()
@@ -382,8 +395,9 @@ def start_backends(n: int, run_dir: Path, *, shared_state: bool = False, token: 
 
 
 def restart_backend(b: Backend, run_dir: Path, *, token: str | None = None, log_level: str = "info",
-                    timeout: float = 60.0) -> Backend:
-    """Start a (killed) backend again on the same port, HOME and COPILOT_HOME."""
+                    timeout: float = 60.0, wait: bool = True) -> Backend:
+    """Start a (killed) backend again on the same port, HOME and COPILOT_HOME.
+    wait=False: return at once; the caller waits with `nb.proc.wait_port(nb.port, ...)`."""
     if b.alive():
         b.stop()
     argv = [str(COPILOT_BIN), "--headless", "--host", LOOPBACK, "--port", str(b.port),
@@ -391,7 +405,8 @@ def restart_backend(b: Backend, run_dir: Path, *, token: str | None = None, log_
     proc = Proc(f"backend{b.index + 1}", argv, env=backend_env(b.home, b.state_dir, token),
                 cwd=b.home.parent / "work", log_path=b.home.parent / "cli.log")
     nb = Backend(index=b.index, port=b.port, home=b.home, state_dir=b.state_dir, proc=proc)
-    nb.start_s = proc.wait_port(b.port, timeout)
+    if wait:
+        nb.start_s = proc.wait_port(b.port, timeout)
     return nb
 
 
@@ -478,10 +493,62 @@ class Cluster:
         """`kill -9` backend `index` (0-based) and its process group: a crash, for failover tests."""
         self.backends[index].kill9()
 
+    def kill_backends(self, indices: list[int]) -> tuple[float, float]:
+        """`kill -9` several backends back to back (every signal first, reaping after): a
+        correlated crash. Returns time.perf_counter() before the first and after the last signal."""
+        procs = [self.backends[i].proc for i in indices]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)  # keep the GIL: no SDK reader thread runs between the signals
+        try:
+            first = time.perf_counter()
+            for p in procs:
+                p.send_kill9()
+            last = time.perf_counter()
+        finally:
+            sys.setswitchinterval(switch)
+        for p in procs:
+            p.reap()
+        return first, last
+
     def restart_backend(self, index: int) -> Backend:
         """Start backend `index` again (same port, HOME and COPILOT_HOME)."""
         self.backends[index] = restart_backend(self.backends[index], self.run_dir)
         return self.backends[index]
+
+    def restart_dead_backends(self, timeout: float = 60.0) -> list[int]:
+        """Start every dead backend again; they boot in parallel. (Spawned from this thread:
+        PR_SET_PDEATHSIG fires when the spawning *thread* exits, so no helper threads.)"""
+        dead = [i for i, b in enumerate(self.backends) if not b.alive()]
+        for i in dead:
+            self.backends[i] = restart_backend(self.backends[i], self.run_dir, wait=False)
+        for i in dead:
+            b = self.backends[i]
+            b.start_s = b.proc.wait_port(b.port, timeout)
+        return dead
+
+    def admin(self, path: str, method: str = "GET") -> dict:
+        """GET/POST the proxy's admin API, JSON answer."""
+        req = urllib.request.Request(self.proxy.admin_url + path, method=method,
+                                     data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def placements(self) -> dict[str, str]:
+        """session id -> backend address, as the proxy's admin API reports them."""
+        return {s["session_id"]: s["backend"] for s in self.admin("/api/sessions?limit=100000")["sessions"]}
+
+    def wait_backends_up(self, addrs: list[str], timeout: float = 30.0) -> None:
+        """Until the proxy's health checks report every one of `addrs` as up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            backends = self.admin("/api/backends")["backends"]
+            states = {b["name"]: b["state"] for b in backends}
+            if all(states.get(a) == "up" for a in addrs):
+                return
+            if time.monotonic() > deadline:
+                checks = {b["name"]: b.get("health_history", [])[:3] for b in backends if b["state"] != "up"}
+                raise RuntimeError(f"backends not up after {timeout:.0f} s: {states}; latest checks {checks}")
+            time.sleep(0.1)
 
     def log_tails(self, lines: int = 40) -> str:
         out = []

@@ -64,6 +64,11 @@ def echo(prompt: str) -> str:
     return "ECHO: " + prompt.upper()
 
 
+def recall(*earlier_prompts: str) -> str:
+    """The fake model's answer to a prompt starting with RECALL after `earlier_prompts`."""
+    return "RECALL: " + " | ".join(earlier_prompts)
+
+
 def user_messages(events) -> list[str]:
     return [getattr(e.data, "content", None) or "" for e in events
             if getattr(getattr(e, "type", None), "value", "") == "user.message"]

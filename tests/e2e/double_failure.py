@@ -1,0 +1,191 @@
+"""The double-failure scenario (issue #10 finding 2), shared by test_double_failure.py and
+measure_double_failure.py. Not a test module itself.
+
+Three real CLIs share one session-state directory; the proxy runs with
+`sessions.shared_storage: true` and `failover: reassign`. One Python SDK client holds 12
+sessions, 4 on each backend (ids picked with `copilot-lb route`, placement checked with the
+admin API), each with one finished turn. Then two of the CLIs get SIGKILL back to back, and
+50 ms later the same client calls send_and_wait on every session at once. A session counts as
+answered when its reply is the fake model's RECALL answer naming the first turn (the model that
+served the second turn saw the history). The clock starts at the first SIGKILL.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import harness
+from sdkutil import connected, echo, recall, reply_text, session_kwargs
+
+N_BACKENDS = 3
+PER_BACKEND = 4                 # 12 sessions
+SETTLE_S = 0.05                 # kill -> the concurrent sends
+DEADLINE_S = 1.0                # the slowest answer, measured from the kill
+SEND_TIMEOUT_S = 10.0           # bound on each send_and_wait (a miss is recorded, not waited out)
+SETUP_TIMEOUT_S = 30.0
+
+
+def write_config(path: Path, backends: list[harness.Backend]) -> None:
+    path.write_text("backends:\n" + "".join(f"  - address: {b.addr}\n" for b in backends)
+                    + "sessions:\n  shared_storage: true\n  failover: reassign\n"
+                    + "health:\n  interval: 500ms\n  timeout: 1s\n  rise: 2\n  fall: 3\n")
+
+
+def start(run_dir: Path) -> harness.Cluster:
+    """Fake model + three CLIs sharing session-state + the proxy with the config above."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = harness.start_fake_model(run_dir)
+    backends: list[harness.Backend] = []
+    try:
+        backends = harness.start_backends(N_BACKENDS, run_dir, shared_state=True)
+        cfg = run_dir / "copilot-lb.yaml"
+        write_config(cfg, backends)
+        proxy = harness.start_proxy([], run_dir, extra_args=["--config", str(cfg)])
+    except Exception:
+        for b in backends:
+            b.stop()
+        model.stop()
+        raise
+    cluster = harness.Cluster(run_dir=run_dir, model=model, backends=backends, proxy=proxy, direct=False)
+    cluster.config_path = cfg  # type: ignore[attr-defined]
+    cluster.wait_backends_up([b.addr for b in backends])
+    return cluster
+
+
+def pick_ids(cluster: harness.Cluster, tag: str, per_backend: int = PER_BACKEND) -> list[str]:
+    """Session ids whose rendezvous home (`copilot-lb route`) is each backend `per_backend` times."""
+    want = {b.addr: [] for b in cluster.backends}
+    for n in range(400):
+        if all(len(v) == per_backend for v in want.values()):
+            break
+        sid = f"df-{tag}-{n}"
+        out = subprocess.run([str(harness.proxy_bin()), "route", "--config", str(cluster.config_path), sid],
+                             capture_output=True, text=True, check=True, timeout=10).stdout
+        home = out.splitlines()[0].split()[1]
+        if len(want[home]) < per_backend:
+            want[home].append(sid)
+    assert all(len(v) == per_backend for v in want.values()), want
+    return [sid for ids in want.values() for sid in ids]
+
+
+@dataclass
+class Outcome:
+    sid: str
+    before: str                   # backend address before the kill
+    elapsed_s: float              # first SIGKILL -> send_and_wait returned or raised
+    answer: str | None = None
+    expected: str = ""
+    code: int | None = None       # JSON-RPC error code, if it raised one
+    error: str | None = None
+    after: str | None = None      # backend address afterwards (admin API)
+
+    @property
+    def answered(self) -> bool:
+        return self.error is None and self.answer == self.expected
+
+
+@dataclass
+class RoundResult:
+    n: int
+    killed: list[str]
+    kill_spread_us: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def answered(self) -> int:
+        return sum(o.answered for o in self.outcomes)
+
+    @property
+    def slowest_s(self) -> float:
+        return max(o.elapsed_s for o in self.outcomes)
+
+    @property
+    def unmoved_slowest_s(self) -> float:
+        """Slowest answer among the sessions on the surviving backend (no failover: the CLI's
+        own turn time under this load, a baseline for slowest_s)."""
+        return max((o.elapsed_s for o in self.outcomes if o.before not in self.killed), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.answered == len(self.outcomes) and self.slowest_s <= DEADLINE_S
+
+    def codes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for o in self.outcomes:
+            if not o.answered:
+                k = (str(o.code) if o.code is not None
+                     else "wrong answer" if o.error is None else o.error.split(":", 1)[0])
+                out[k] = out.get(k, 0) + 1
+        return out
+
+    def summary(self, details: bool = True) -> str:
+        line = (f"run {self.n}: {self.answered}/{len(self.outcomes)} answered, slowest "
+                f"{self.slowest_s * 1000:.0f} ms after the kill (limit {DEADLINE_S * 1000:.0f} ms; unmoved sessions "
+                f"{self.unmoved_slowest_s * 1000:.0f} ms), killed "
+                f"{' + '.join(self.killed)} within {self.kill_spread_us:.0f} us, errors {self.codes() or 'none'}"
+                f" -> {'PASS' if self.passed else 'FAIL'}")
+        if not details:
+            return line
+        rows = []
+        for o in sorted(self.outcomes, key=lambda o: o.elapsed_s):
+            what = "ok" if o.answered else (f"error {o.code}: {o.error}" if o.error else f"answer {o.answer!r}")
+            rows.append(f"    {o.sid} {o.before} -> {o.after}: {o.elapsed_s * 1000:.0f} ms {what}")
+        return "\n".join([line] + rows)
+
+
+def error_code(e: BaseException) -> int | None:
+    code = getattr(e, "code", None)
+    if isinstance(code, int):
+        return code
+    m = re.search(r"-320\d\d", str(e))
+    return int(m.group(0)) if m else None
+
+
+async def run_round(cluster: harness.Cluster, n: int, tag: str) -> RoundResult:
+    """One scenario run on a cluster whose three backends are up. Kills all backends but
+    backend n % 3. Raises only if the setup (before the kill) goes wrong."""
+    ids = pick_ids(cluster, f"{tag}-{n}")
+    async with connected(cluster.client_url, fast_close=True) as client:
+        async def first_turn(sid: str):
+            s = await client.create_session(session_id=sid, **session_kwargs(cluster))
+            p = f"first turn {sid}"
+            ev = await s.send_and_wait(p, timeout=SETUP_TIMEOUT_S)
+            assert reply_text(ev) == echo(p), reply_text(ev)
+            return s
+        sessions = dict(zip(ids, await asyncio.gather(*(first_turn(sid) for sid in ids))))
+        before = cluster.placements()
+        spread = {b.addr: sorted(sid for sid in ids if before.get(sid) == b.addr) for b in cluster.backends}
+        assert all(len(v) >= 1 for v in spread.values()) and sum(map(len, spread.values())) == len(ids), spread
+
+        survivor = n % len(cluster.backends)
+        victims = [i for i in range(len(cluster.backends)) if i != survivor]
+        killed = [cluster.backends[i].addr for i in victims]
+        t_kill, t_last = cluster.kill_backends(victims)
+        await asyncio.sleep(max(0.0, t_kill + SETTLE_S - time.perf_counter()))
+
+        async def second_turn(sid: str) -> Outcome:
+            o = Outcome(sid=sid, before=before[sid], elapsed_s=0.0, expected=recall(f"first turn {sid}"))
+            try:
+                ev = await sessions[sid].send_and_wait(f"RECALL after the double crash {sid}",
+                                                       timeout=SEND_TIMEOUT_S)
+                o.answer = reply_text(ev)
+            except Exception as e:  # noqa: BLE001  (recorded: the point is to count them)
+                o.code, o.error = error_code(e), f"{type(e).__name__}: {e}"
+            o.elapsed_s = time.perf_counter() - t_kill
+            return o
+        outcomes = await asyncio.gather(*(second_turn(sid) for sid in ids))
+        after = cluster.placements()
+        for o in outcomes:
+            o.after = after.get(o.sid)
+    return RoundResult(n=n, killed=killed, kill_spread_us=(t_last - t_kill) * 1e6, outcomes=list(outcomes))
+
+
+def restore(cluster: harness.Cluster) -> None:
+    """Restart the killed CLIs (same ports and homes) and wait until the proxy sees all up."""
+    cluster.restart_dead_backends()
+    cluster.wait_backends_up([b.addr for b in cluster.backends])
