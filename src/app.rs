@@ -159,7 +159,7 @@ pub async fn run(cfg: Config, source: Option<(PathBuf, Overrides)>) -> Result<()
 /// Stops accepting, closes idle connections first, lets in-flight requests finish, and cuts
 /// whatever is left at one absolute deadline.
 pub async fn graceful_shutdown(shared: &Arc<Shared>) {
-    let deadline = Instant::now() + shared.config().limits.shutdown_timeout.0;
+    let deadline = crate::config::deadline_after(shared.config().limits.shutdown_timeout.0);
     shared.stop_accepting.cancel();
     info!(open = shared.conns.len(), timeout = ?shared.config().limits.shutdown_timeout.0, "draining: no new connections");
     loop {

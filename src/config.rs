@@ -53,11 +53,27 @@ impl<'de> Deserialize<'de> for Millis {
             N(u64),
             S(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(Millis(Duration::from_millis(n))),
-            Raw::S(s) => parse_duration(&s).map(Millis).map_err(de::Error::custom),
+        let d = match Raw::deserialize(d)? {
+            Raw::N(n) => Duration::from_millis(n),
+            Raw::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
+        };
+        if d > MAX_DURATION {
+            return Err(de::Error::custom(format!(
+                "duration {d:?} is longer than the maximum of 365 days"
+            )));
         }
+        Ok(Millis(d))
     }
+}
+
+/// The longest duration a setting may take. Deadlines are `now + setting`; beyond a year no
+/// timeout means anything, and near `u64::MAX` seconds the addition would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `now + d`, never overflowing: a setting built in code can exceed [`MAX_DURATION`].
+pub fn deadline_after(d: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d.min(MAX_DURATION)).unwrap_or(now)
 }
 
 /// Parses `250ms`, `3s`, `2m`, `1h` (or bare milliseconds).
@@ -72,8 +88,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => Duration::from_micros(n),
         "" | "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" | "h" => {
+            let unit_secs = if unit.trim() == "m" { 60 } else { 3600 };
+            Duration::from_secs(
+                n.checked_mul(unit_secs)
+                    .ok_or_else(|| format!("duration {s:?} is too long"))?,
+            )
+        }
         _ => {
             return Err(format!(
                 "invalid duration unit in {s:?} (use us, ms, s, m or h)"
@@ -821,6 +842,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn huge_durations_are_refused_with_their_place() {
+        for bad in [
+            "limits:\n  shutdown_timeout: 18446744073709551615\n",
+            "limits:\n  shutdown_timeout: 9999999999999999h\n",
+            "health:\n  interval: 400d\n",
+            "sessions:\n  detect_timeout: 8784h\n",
+        ] {
+            let e = Config::from_yaml(bad, "t.yaml").unwrap_err().to_string();
+            assert!(e.contains("line 2"), "{bad}: {e}");
+        }
+        let ok = Config::from_yaml("limits:\n  shutdown_timeout: 8760h\n", "t.yaml").unwrap();
+        assert_eq!(ok.limits.shutdown_timeout.0, MAX_DURATION);
+    }
+
+    #[test]
     fn minimal_and_defaults() {
         let c = Config::from_yaml(
             "listeners:\n  - listen: 127.0.0.1:4321\nbackends:\n  - address: 127.0.0.1:41001\n",
@@ -861,6 +897,9 @@ mod tests {
         assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
         assert_eq!(parse_duration("50µs").unwrap(), Duration::from_micros(50));
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("9999999999999999h").is_err());
+        assert!(parse_duration("18446744073709551615m").is_err());
         assert!(parse_duration("2 weeks").is_err());
         let c = Config::from_yaml("health:\n  interval: 250ms\n  timeout: 1s\n", "t").unwrap();
         assert_eq!(c.health.interval.0, Duration::from_millis(250));

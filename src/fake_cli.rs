@@ -249,6 +249,8 @@ struct Inner {
     counts: Mutex<HashMap<String, u64>>,
     stalled: AtomicBool,
     refusing: AtomicBool,
+    /// Milliseconds between a client's close and the release of its sessions.
+    cleanup_delay_ms: AtomicU64,
     generation: Mutex<CancellationToken>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -293,6 +295,7 @@ impl FakeCli {
             counts: Mutex::new(HashMap::new()),
             stalled: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
+            cleanup_delay_ms: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
             acceptor: Mutex::new(None),
         });
@@ -402,6 +405,14 @@ impl FakeCli {
     /// While on, connections are accepted and frames read, but nothing is ever answered.
     pub fn stall(&self, on: bool) {
         self.inner.stalled.store(on, Ordering::Relaxed);
+    }
+
+    /// Like the CLI, release a closed client's sessions only after `d` (its cleanup is
+    /// asynchronous); the fake closes its side of the connection after the release.
+    pub fn set_cleanup_delay(&self, d: Duration) {
+        self.inner
+            .cleanup_delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// While on, every accepted connection is closed at once.
@@ -521,6 +532,10 @@ impl Inner {
             }
         }
         let killed = cancel.is_cancelled();
+        let delay = self.cleanup_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 && !killed {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.leave_all(conn.id);
         conn.cancel.cancel();
         lock(&conn.calls).clear();

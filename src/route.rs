@@ -5,7 +5,7 @@
 /// How the proxy treats a client request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// Answered by the proxy (`connect`, `ping`).
+    /// Answered by the proxy (`connect`, `ping`, `session.getForeground`).
     Local,
     /// `session.create`: placed by the balancer; the proxy injects a session id if missing.
     Create,
@@ -116,7 +116,6 @@ const MULTI_SESSION: &[&str] = &[
     "sessions.getLastForContext",
     "sessions.getSizes",
     "sessions.list",
-    "session.getForeground",
 ];
 
 /// Methods whose session id is not at `params.sessionId` (copilot-protocol.md §3.4).
@@ -155,7 +154,9 @@ pub fn special(method: &str, params: &serde_json::Value) -> Result<(String, Rout
 /// Decides the route for a client request.
 pub fn classify(method: &str, has_session_id: bool) -> Route {
     match method {
-        "connect" | "ping" => Route::Local,
+        // A headless CLI has no foreground session and answers `{}`: the proxy answers the
+        // same itself, as no backend's answer could belong to the caller.
+        "connect" | "ping" | "session.getForeground" => Route::Local,
         "runtime.shutdown" => Route::Denied(Denial::Shutdown),
         "session.create" => Route::Create,
         "session.resume" => require(has_session_id, Route::Resume, method),
@@ -167,9 +168,7 @@ pub fn classify(method: &str, has_session_id: bool) -> Route {
         m if PROCESS_CONFIG.contains(&m) => Route::Denied(Denial::ProcessConfig),
         m if MULTI_SESSION.contains(&m) => Route::Denied(Denial::MultiSession),
         _ if has_session_id => Route::Session,
-        m if m.starts_with("session.") && m != "session.getForeground" => {
-            Route::Denied(Denial::MissingSessionId)
-        }
+        m if m.starts_with("session.") => Route::Denied(Denial::MissingSessionId),
         _ => Route::Global,
     }
 }

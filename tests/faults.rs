@@ -194,3 +194,58 @@ async fn a_null_id_backend_error_reaches_the_only_request_in_flight() {
     })
     .await;
 }
+
+/// A client closes and a new one resumes its session at once: the resume follows the CLI's
+/// cleanup of the old connection (which is asynchronous), as it would on a direct connection,
+/// so the session is not reported as still active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_right_after_a_client_closes_follows_the_cli_cleanup() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        fakes[0].set_cleanup_delay(Duration::from_millis(100));
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        for i in 0..3 {
+            let sid = format!("rc-{i}");
+            let mut a = Client::connected(addr).await;
+            a.ok("session.create", json!({"sessionId": sid})).await;
+            a.ok("session.send", send_params(&sid, "one")).await;
+            drop(a); // force_stop: the socket just closes
+            let mut b = Client::connected(addr).await;
+            b.ok("session.resume", json!({"sessionId": sid})).await;
+            let ok = b
+                .wait_notes(Duration::from_secs(5), |n| {
+                    n.iter().any(|f| {
+                        f.json["params"]["event"]["type"] == "session.resume"
+                            && f.session() == Some(sid.as_str())
+                    })
+                })
+                .await;
+            assert!(ok, "no session.resume event for {sid}");
+            let ev = b
+                .notes
+                .iter()
+                .find(|f| f.json["params"]["event"]["type"] == "session.resume")
+                .unwrap();
+            assert_eq!(
+                ev.json["params"]["event"]["data"]["sessionWasActive"],
+                false,
+                "{}",
+                ev.text()
+            );
+        }
+    })
+    .await;
+}
+
+/// A headless CLI answers `session.getForeground` with `{}`; so does the proxy.
+#[tokio::test]
+async fn get_foreground_is_answered_like_a_headless_cli() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        let r = c.call("session.getForeground", json!({})).await;
+        assert_eq!(r.json["result"], json!({}), "{}", r.text());
+    })
+    .await;
+}

@@ -25,6 +25,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How long a resume waits for a closed client's link to the session to finish closing.
+const RELEASE_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long a fan-out waits for each backend.
 const FANOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -250,7 +253,8 @@ impl ClientConn {
         let me = self.clone();
         tokio::spawn(async move {
             warn!(conn = me.id, identity = ?me.identity(), reason = %why, "client certificate no longer valid; closing after in-flight requests");
-            let deadline = Instant::now() + me.shared.config().limits.shutdown_timeout.0;
+            let deadline =
+                crate::config::deadline_after(me.shared.config().limits.shutdown_timeout.0);
             while me.in_flight() > 0 && Instant::now() < deadline && !me.cancel.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -309,14 +313,21 @@ impl ClientConn {
 
     /// Closes every link and releases this connection's sessions. Returns (requests, sessions).
     fn close(&self) -> (u64, usize) {
-        self.cancel.cancel();
         let (links, joined, requests) = {
             let mut st = self.lock();
+            if !st.joined.is_empty() {
+                let held = st
+                    .joined
+                    .iter()
+                    .filter_map(|(sid, j)| st.links.get(&j.backend).map(|l| (sid, l.released())));
+                self.shared.releasing(held);
+            }
             let links: Vec<_> = st.links.drain().map(|(_, l)| l).collect();
             let joined: Vec<_> = st.joined.drain().map(|(s, _)| s).collect();
             st.server_reqs.clear();
             (links, joined, st.requests)
         };
+        self.cancel.cancel();
         for l in links {
             l.close();
         }
@@ -496,6 +507,10 @@ impl ClientConn {
 
     async fn dispatch(self: &Arc<Self>, req: ClientReq) {
         match req.route {
+            Route::Local if req.method == "session.getForeground" => {
+                self.shared.metrics.request("local", "ok");
+                self.reply_result(req.id.get(), &json!({})).await;
+            }
             Route::Local => {
                 // `ping` (connect is handled before authentication).
                 let params: Value = envelope::raw_params(&req.body)
@@ -773,7 +788,7 @@ impl ClientConn {
         suspect: Option<&str>,
     ) -> Result<Arc<Backend>, Refusal> {
         let cfg = self.shared.config();
-        let deadline = Instant::now() + cfg.sessions.detect_timeout();
+        let deadline = crate::config::deadline_after(cfg.sessions.detect_timeout());
         let mut unreachable: Vec<String> = Vec::new();
         let out_of_time = |sid: &str| {
             Refusal {
@@ -1114,6 +1129,8 @@ impl ClientConn {
         if !self.check_owner(&req, &sid).await {
             return;
         }
+        // A client that just closed may still hold it in the CLI: follow its cleanup.
+        self.shared.released(&sid, RELEASE_LIMIT).await;
         if let Some(p) = self.shared.sessions.get(&sid) {
             // Recorded as joined where it lives now, so a failover in between is not replayed
             // on top of this very resume.

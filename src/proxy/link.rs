@@ -72,6 +72,9 @@ pub struct Link {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     cancel: CancellationToken,
+    /// Cancelled once the link's connection is fully closed: after a close the proxy asked
+    /// for, when the backend has closed its side too, i.e. the CLI has seen the client go.
+    released: CancellationToken,
 }
 
 impl std::fmt::Debug for Link {
@@ -108,6 +111,7 @@ impl Link {
             }),
             next_id: AtomicU64::new(1),
             cancel: conn.cancel.child_token(),
+            released: CancellationToken::new(),
         });
         let fence = backend.fence_token();
         tokio::spawn(run(link.clone(), rx, conn.clone(), fence));
@@ -126,6 +130,11 @@ impl Link {
     /// Closes the link (client gone, or the proxy is done with it).
     pub fn close(&self) {
         self.cancel.cancel();
+    }
+
+    /// Cancelled when the link's connection is closed on both sides.
+    pub fn released(&self) -> CancellationToken {
+        self.released.clone()
     }
 
     /// Queues a client request. On a dead link the request is handed back untouched.
@@ -272,10 +281,11 @@ async fn run(
     gauge.inc();
     let end = tokio::select! {
         biased;
-        _ = link.cancel.cancelled() => LinkEnd::Closed,
         _ = fence.cancelled() => LinkEnd::Fenced,
         end = session(&link, &mut rx, &conn) => end,
     };
+    // The socket is gone (session() dropped it); a resume held for it may go ahead.
+    link.released.cancel();
     gauge.dec();
     backend.links.fetch_sub(1, Ordering::Relaxed);
     rx.close();
@@ -304,29 +314,41 @@ async fn session(
     let shared = &conn.shared;
     let cfg = shared.config();
     let backend = &link.backend;
-    let dial = crate::tls::dial(&backend.address, backend.tls.as_deref());
-    let (r, mut w) = match tokio::time::timeout(cfg.limits.connect_timeout.0, dial).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return LinkEnd::ConnectFailed(e),
-        Err(_) => {
-            return LinkEnd::ConnectFailed(format!(
-                "connect timed out after {:?}",
-                cfg.limits.connect_timeout.0
-            ))
+    let open = async {
+        let dial = crate::tls::dial(&backend.address, backend.tls.as_deref());
+        let (r, mut w) = match tokio::time::timeout(cfg.limits.connect_timeout.0, dial).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(LinkEnd::ConnectFailed(e)),
+            Err(_) => {
+                return Err(LinkEnd::ConnectFailed(format!(
+                    "connect timed out after {:?}",
+                    cfg.limits.connect_timeout.0
+                )))
+            }
+        };
+        let mut reader = FrameReader::new(r, shared.limits());
+        let telemetry = conn.telemetry();
+        match tokio::time::timeout(
+            cfg.limits.handshake_timeout.0,
+            backend.handshake(&mut reader, &mut w, telemetry),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok((reader, w)),
+            Ok(Err(e)) => Err(LinkEnd::ConnectFailed(e)),
+            Err(_) => Err(LinkEnd::ConnectFailed(
+                "backend did not answer connect in time".into(),
+            )),
         }
     };
-    let mut reader = FrameReader::new(r, shared.limits());
-    let telemetry = conn.telemetry();
-    match tokio::time::timeout(
-        cfg.limits.handshake_timeout.0,
-        backend.handshake(&mut reader, &mut w, telemetry),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return LinkEnd::ConnectFailed(e),
-        Err(_) => return LinkEnd::ConnectFailed("backend did not answer connect in time".into()),
-    }
+    let (mut reader, w) = tokio::select! {
+        biased;
+        _ = link.cancel.cancelled() => return LinkEnd::Closed,
+        r = open => match r {
+            Ok(rw) => rw,
+            Err(end) => return end,
+        },
+    };
     debug!(conn = conn.id, backend = %backend.name, "link up");
     let metrics = &shared.metrics;
     let link_w = link.clone();
@@ -375,15 +397,29 @@ async fn session(
     };
     // Reads first: when the backend has closed and a request is queued at the same wake-up,
     // the close must be seen before the request is written, so it is re-routed, not lost.
-    tokio::select! {
+    let end = tokio::select! {
         biased;
+        _ = link.cancel.cancelled() => LinkEnd::Closed,
         end = read_loop => end,
         res = writer => match res {
             Ok(()) => LinkEnd::Closed,
             Err(e) => LinkEnd::Broken(e.to_string()),
         },
+    };
+    if matches!(end, LinkEnd::Closed) {
+        // The writer is dropped, which half-closes the socket. The CLI cleans up a client's
+        // sessions when it sees the close; waiting for its own close (bounded) lets a resume
+        // of those sessions from a new client follow that cleanup instead of racing it.
+        let _ = tokio::time::timeout(RELEASE_WAIT, async {
+            while let Ok(Some(_)) = reader.read_frame().await {}
+        })
+        .await;
     }
+    end
 }
+
+/// How long a closing link waits for the backend to close its side.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A backend frame over the limit was skipped. If it was a reply, whoever waits for it gets an
 /// error instead of waiting forever.

@@ -43,6 +43,9 @@ pub struct Shared {
     reload_source: std::sync::Mutex<Option<(PathBuf, Overrides)>>,
     /// Event loops serving client connections (none: tasks on the current runtime).
     loops: std::sync::OnceLock<Arc<crate::runtime::Loops>>,
+    /// Sessions whose last client just closed, with the close of the link that held each: a
+    /// resume waits for it (bounded) so the CLI has released the session first.
+    releases: DashMap<String, CancellationToken>,
     /// `limits.max_json_depth`, read on every client frame without taking the config lock.
     max_json_depth: std::sync::atomic::AtomicUsize,
 }
@@ -104,6 +107,7 @@ impl Shared {
             reload_source: std::sync::Mutex::new(None),
             loops: std::sync::OnceLock::new(),
             max_json_depth: std::sync::atomic::AtomicUsize::new(0),
+            releases: DashMap::new(),
         });
         shared
             .max_json_depth
@@ -135,6 +139,27 @@ impl Shared {
         self.max_json_depth
             .store(cfg.limits.max_json_depth, Ordering::Relaxed);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+    }
+
+    /// Notes that the sessions of a closing client are being released, each by the link that
+    /// held it (its token fires when that link has closed). Forgets finished releases.
+    pub(crate) fn releasing<'a>(
+        &self,
+        held: impl Iterator<Item = (&'a String, CancellationToken)>,
+    ) {
+        self.releases.retain(|_, t| !t.is_cancelled());
+        for (sid, done) in held {
+            self.releases.insert(sid.clone(), done);
+        }
+    }
+
+    /// Waits (at most `limit`) until a link that held `sid` has closed.
+    pub(crate) async fn released(&self, sid: &str, limit: std::time::Duration) {
+        let Some(done) = self.releases.get(sid).map(|t| t.clone()) else {
+            return;
+        };
+        let _ = tokio::time::timeout(limit, done.cancelled()).await;
+        self.releases.remove_if(sid, |_, t| t.is_cancelled());
     }
 
     /// Deepest nesting accepted in a client frame.
