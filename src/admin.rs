@@ -36,7 +36,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                         return Ok::<_, Infallible>(resp);
                     }
                     let resp = match delete_target(&req) {
-                        Some(sid) => delete(&shared, &sid).await,
+                        Some(Some(sid)) => delete(&shared, &sid).await,
+                        Some(None) => bad_segment(),
                         None => handle(&shared, req),
                     };
                     Ok::<_, Infallible>(resp)
@@ -146,12 +147,30 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Fu
     }
 }
 
-fn delete_target(req: &Request<Incoming>) -> Option<String> {
+/// One path segment, percent-decoded (RFC 3986), so names and session ids with reserved
+/// characters can be addressed; decoding after splitting keeps `%2F` inside the segment.
+/// `None` when the decoded bytes are not UTF-8.
+fn segment(raw: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+fn bad_segment() -> Response<Full<Bytes>> {
+    json_resp(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "path segment is not percent-encoded UTF-8"}),
+    )
+}
+
+/// For `DELETE /api/sessions/{id}`: the decoded id (`None` inside when it does not decode).
+fn delete_target(req: &Request<Incoming>) -> Option<Option<String>> {
     if req.method() != Method::DELETE {
         return None;
     }
     let rest = req.uri().path().strip_prefix("/api/sessions/")?;
-    (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_string())
+    (!rest.is_empty() && !rest.contains('/')).then(|| segment(rest))
 }
 
 async fn delete(shared: &Shared, sid: &str) -> Response<Full<Bytes>> {
@@ -226,7 +245,10 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json_resp(StatusCode::OK, json!({ "backends": list }))
         }
         (&Method::POST, ["api", "backends", name, action @ ("drain" | "undrain")]) => {
-            match shared.pool.get(name) {
+            let Some(name) = segment(name) else {
+                return bad_segment();
+            };
+            match shared.pool.get(&name) {
                 Some(b) => {
                     b.set_draining(*action == "drain");
                     info!(backend = %b.name, action = *action, "admin: backend {action}ed");

@@ -496,13 +496,13 @@ mod tests {
             };
             let (mut w, r) = tokio::io::duplex(1 << 16);
             let mut r = FrameReader::new(r, limits);
-            w.write_all(b"Content-Length: 20\r\n\r\n{\"id\":7,")
+            w.write_all(b"Content-Length: 22\r\n\r\n{\"id\":7,")
                 .await
                 .unwrap();
             let t = std::time::Duration::from_secs(5);
             match tokio::time::timeout(t, r.read_frame()).await.unwrap() {
                 Err(CodecError::FrameTooLarge {
-                    len: 20,
+                    len: 22,
                     head,
                     skippable: true,
                     ..

@@ -348,3 +348,33 @@ async fn a_client_that_never_reads_does_not_pin_its_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_paths_are_percent_decoded() {
+    within(Duration::from_secs(30), async {
+        let f = fakes(1, false).await;
+        let (running, addr) = proxy(config(&[f[0].addr()])).await;
+        let admin = running.admin_addr.unwrap();
+        let sid = "job 1/\u{3b1}#x?y";
+        let mut c = Client::connected(addr).await;
+        c.ok("session.create", json!({"sessionId": sid})).await;
+        let path = "/api/sessions/job%201%2F%CE%B1%23x%3Fy";
+        let r = tokio::task::spawn_blocking(move || http(admin, "DELETE", path))
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(!f[0].stored_sessions().iter().any(|s| s == sid), "{r}");
+        let bad = tokio::task::spawn_blocking(move || http(admin, "DELETE", "/api/sessions/%FF"))
+            .await
+            .unwrap();
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        let name = f[0].addr().to_string().replace(':', "%3A");
+        let d = tokio::task::spawn_blocking(move || {
+            http(admin, "POST", &format!("/api/backends/{name}/drain"))
+        })
+        .await
+        .unwrap();
+        assert!(d.starts_with("HTTP/1.1 200"), "{d}");
+    })
+    .await;
+}
