@@ -239,14 +239,13 @@ impl Link {
             std::mem::take(&mut inner.pending)
         };
         let mut pending = pending;
-        let unsent: Vec<ClientReq> = unsent
+        let mut unsent: Vec<ClientReq> = unsent
             .into_iter()
             .filter_map(|pid| match pending.remove(&pid) {
                 Some(Pending::Client(req)) => Some(req),
                 _ => None,
             })
             .collect();
-        let mut unsent = unsent;
         let mut in_flight = Vec::new();
         for (_, p) in pending {
             match p {
