@@ -380,32 +380,105 @@ pub fn raw_params(body: &[u8]) -> Option<&str> {
     p.params.map(|r| r.get())
 }
 
-/// Best-effort id recovery from the start of a body too large to parse (for error replies).
+/// Recovers the request id from the start of a body that could not be parsed whole (too
+/// large, or not valid JSON), so the error reply can name it. Only a member `"id"` of the
+/// top-level object counts, and only a value that is a well-formed JSON-RPC id: a valid JSON
+/// string, or an integer token that fits in 64 bits and was not cut off by the end of `head`.
+/// Anything else gives `None` (the reply then carries `id: null`), so a reply is always valid
+/// JSON and never names some other request.
 pub fn sniff_id(head: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(head).ok().or_else(|| {
-        // The cut may have split a UTF-8 sequence.
-        let valid = std::str::from_utf8(head).err()?.valid_up_to();
-        std::str::from_utf8(&head[..valid]).ok()
-    })?;
-    let key = text.find("\"id\"")?;
-    let rest = text[key + 4..].trim_start();
-    let rest = rest.strip_prefix(':')?.trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        let mut escaped = false;
-        for (i, c) in s.char_indices() {
-            match c {
-                '\\' if !escaped => escaped = true,
-                '"' if !escaped => return Some(format!("\"{}\"", &s[..i])),
-                _ => escaped = false,
-            }
-        }
-        None
-    } else {
-        // A number running into the end of the buffer may have been cut: not an id.
-        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-'))?;
-        let num = &rest[..end];
-        num.parse::<i64>().ok().map(|_| num.to_string())
+    // RFC 8259 §8.1: a parser may ignore a byte order mark.
+    let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+    let mut i = skip_ws(head, 0);
+    if head.get(i) != Some(&b'{') {
+        return None;
     }
+    i += 1;
+    let mut depth = 1usize;
+    let mut want_key = true;
+    loop {
+        i = skip_ws(head, i);
+        match *head.get(i)? {
+            b'"' => {
+                let end = string_end(head, i)?;
+                if depth == 1 && want_key {
+                    let key = &head[i..end];
+                    i = skip_ws(head, end);
+                    if head.get(i) != Some(&b':') {
+                        return None;
+                    }
+                    i = skip_ws(head, i + 1);
+                    if key == b"\"id\"" {
+                        return id_token(&head[i..]);
+                    }
+                    want_key = false;
+                } else {
+                    i = end;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return None;
+                }
+                i += 1;
+            }
+            b',' => {
+                want_key = depth == 1;
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b
+        .get(i)
+        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// Index just past the string that starts with the quote at `start`.
+fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        let p = memchr::memchr2(b'"', b'\\', &b[i..])?;
+        if b[i + p] == b'\\' {
+            i += p + 2;
+        } else {
+            return Some(i + p + 1);
+        }
+    }
+}
+
+fn id_token(v: &[u8]) -> Option<String> {
+    if v.first() == Some(&b'"') {
+        let end = string_end(v, 0)?;
+        let text = std::str::from_utf8(&v[..end]).ok()?;
+        // Validated as JSON so control characters and bad escapes never reach a reply.
+        serde_json::from_str::<Cow<'_, str>>(text).ok()?;
+        return Some(text.to_string());
+    }
+    let len = v
+        .iter()
+        .position(|c| !(c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E')))?;
+    if !matches!(v[len], b',' | b'}' | b' ' | b'\t' | b'\n' | b'\r') {
+        return None;
+    }
+    let num = std::str::from_utf8(&v[..len]).ok()?;
+    let digits = num.strip_prefix('-').unwrap_or(num);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|c| c.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    (canonical && num.parse::<i64>().is_ok()).then(|| num.to_string())
 }
 
 #[cfg(test)]
@@ -438,6 +511,30 @@ mod tests {
         assert_eq!(sniff_id(br#"{"id":12"#), None);
         assert_eq!(sniff_id(br#"{"id":123,"#).as_deref(), Some("123"));
         assert_eq!(sniff_id(br#"{"id":"ab"#), None);
+    }
+
+    #[test]
+    fn sniffed_ids_are_valid_top_level_ids_only() {
+        let ok = |b: &[u8], want: &str| assert_eq!(sniff_id(b).as_deref(), Some(want), "{b:?}");
+        ok(br#"{"jsonrpc":"2.0","id":7,"method":"x""#, "7");
+        ok(br#" { "params":{"id":99}, "id" : -3 }"#, "-3");
+        ok(br#"{"method":"a,\"id\":5","id":"q\"r"}"#, r#""q\"r""#);
+        ok(br#"{"id":0}"#, "0");
+        ok(b"\xEF\xBB\xBF{\"id\":10,", "10");
+        for bad in [
+            &br#"{"jsonrpc":"2.0","id":012,"method":"ping"}"#[..],
+            b"{\"id\":\"a\x01b\"}",
+            br#"{"id":"\q"}"#,
+            b"{\"id\":\"a\nb\"}",
+            br#"{"id":1.5}"#,
+            br#"{"id":1e3}"#,
+            br#"{"id":99999999999999999999}"#,
+            br#"{"id":null}"#,
+            br#"{"jsonrpc":"2.0","method":"ping","params":{"id":99}"#,
+            br#"[{"id":1}]"#,
+        ] {
+            assert_eq!(sniff_id(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -75,6 +75,9 @@ pub struct ClientConn {
     out: mpsc::Sender<Bytes>,
     st: Mutex<ConnState>,
     next_srv: AtomicU64,
+    /// Tasks working on this client's requests (fan-outs, resume probes, failovers, re-routes):
+    /// in flight too, though no link holds them.
+    busy: AtomicUsize,
     /// TLS peer facts (TLS listeners only).
     pub tls: Option<PeerTls>,
 }
@@ -129,6 +132,7 @@ async fn run<R, W>(
         out: out_tx,
         st: Mutex::new(ConnState::default()),
         next_srv: AtomicU64::new(1),
+        busy: AtomicUsize::new(0),
         tls,
     });
     shared.conns.insert(id, Arc::downgrade(&conn));
@@ -155,7 +159,11 @@ async fn run<R, W>(
                 shared.metrics.frame("client_in", body.len());
                 conn.on_client_frame(body).await;
             }
-            Ok(None) => break,
+            Ok(None) => {
+                // A client may half-close once it has sent its last request: it still reads.
+                conn.settle().await;
+                break;
+            }
             Err(CodecError::FrameTooLarge {
                 len,
                 limit,
@@ -303,7 +311,37 @@ impl ClientConn {
     pub fn in_flight(&self) -> usize {
         let links: Vec<_> = self.lock().links.values().cloned().collect();
         let holds = self.lock().holds.len();
-        links.iter().map(|l| l.pending_client()).sum::<usize>() + holds
+        links.iter().map(|l| l.pending_client()).sum::<usize>()
+            + holds
+            + self.busy.load(Ordering::Acquire)
+    }
+
+    /// Waits until every request in flight is answered, at most `limits.shutdown_timeout`.
+    async fn settle(&self) {
+        let deadline =
+            crate::config::deadline_after(self.shared.config().limits.shutdown_timeout.0);
+        while self.in_flight() > 0 && Instant::now() < deadline && !self.cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Runs work for this client's requests in a task, counted in [`ClientConn::in_flight`].
+    fn spawn_for_request<F>(self: &Arc<Self>, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        struct Busy(Arc<ClientConn>);
+        impl Drop for Busy {
+            fn drop(&mut self) {
+                self.0.busy.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let busy = Busy(self.clone());
+        tokio::spawn(async move {
+            let _busy = busy;
+            work.await;
+        });
     }
 
     /// Closes the connection (graceful shutdown of an idle client).
@@ -546,7 +584,7 @@ impl ClientConn {
             }
             Route::FanOutList | Route::LastId => {
                 let me = self.clone();
-                tokio::spawn(async move { me.list(req).await });
+                self.spawn_for_request(async move { me.list(req).await });
             }
         }
     }
@@ -688,7 +726,7 @@ impl ClientConn {
         let gate = self.lock().holds.get(&sid).cloned();
         if let Some(gate) = gate {
             let me = self.clone();
-            tokio::spawn(async move {
+            self.spawn_for_request(async move {
                 let _g = gate.lock().await;
                 me.start_failover(req, None).await;
             });
@@ -743,7 +781,7 @@ impl ClientConn {
             }
         };
         let me = self.clone();
-        tokio::spawn(async move {
+        self.spawn_for_request(async move {
             let guard = match gate {
                 // Another failover of this session is running here: queue behind it.
                 Some(g) => {
@@ -1147,7 +1185,7 @@ impl ClientConn {
         // Unknown to this proxy (restarted, or created elsewhere): ask backends in the
         // session's rendezvous order until one has it.
         let me = self.clone();
-        tokio::spawn(async move { me.resume_probe(req, sid).await });
+        self.spawn_for_request(async move { me.resume_probe(req, sid).await });
     }
 
     async fn resume_probe(self: &Arc<Self>, req: ClientReq, sid: String) {
@@ -1320,7 +1358,7 @@ impl ClientConn {
         let backend = link.backend.clone();
         let reason = reason.to_string();
         let established = matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced);
-        tokio::spawn(async move {
+        self.spawn_for_request(async move {
             if established {
                 // A refused reconnect sent nothing; only a link that carried turns loses them.
                 me.turns_lost(&backend.name, &reason).await;
