@@ -423,6 +423,15 @@ pub struct LimitsConfig {
     /// limit is 128); deeper frames get -32700 from the proxy and never reach a backend.
     #[serde(default = "default_max_json_depth")]
     pub max_json_depth: usize,
+    /// Bytes of replies and events that may wait for one client to read them; past that the
+    /// client's own links stop reading (backpressure to the CLI), so a client that does not
+    /// read costs bounded memory. A frame larger than this waits alone.
+    #[serde(default = "default_max_queued_reply_bytes")]
+    pub max_queued_reply_bytes: usize,
+}
+
+fn default_max_queued_reply_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn default_max_json_depth() -> usize {
@@ -459,6 +468,7 @@ impl Default for LimitsConfig {
             handshake_timeout: default_handshake_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
             max_json_depth: default_max_json_depth(),
+            max_queued_reply_bytes: default_max_queued_reply_bytes(),
         }
     }
 }
@@ -751,6 +761,11 @@ impl Config {
         }
         if self.sessions.policy() == FailoverPolicy::Reassign && !self.sessions.shared_storage {
             problems.push("sessions.failover: reassign needs sessions.shared_storage: true (a session cannot be resumed on a backend that cannot read its state)".into());
+        }
+        if self.limits.max_queued_reply_bytes == 0
+            || self.limits.max_queued_reply_bytes > u32::MAX as usize
+        {
+            problems.push("limits.max_queued_reply_bytes must be between 1 and 4294967295".into());
         }
         if self.health.rise == 0 || self.health.fall == 0 {
             problems.push("health.rise and health.fall must be at least 1".into());

@@ -73,6 +73,10 @@ pub struct ClientConn {
     /// Cancelled when the client goes away; every link is a child of it.
     pub cancel: CancellationToken,
     out: mpsc::Sender<Bytes>,
+    /// Byte budget of `out` (`limits.max_queued_reply_bytes`); closed when the writer ends.
+    out_budget: Arc<tokio::sync::Semaphore>,
+    /// The budget's size: a larger frame takes all of it.
+    out_limit: usize,
     st: Mutex<ConnState>,
     next_srv: AtomicU64,
     /// Tasks working on this client's requests (fan-outs, resume probes, failovers, re-routes):
@@ -123,6 +127,12 @@ async fn run<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(1024);
+    let out_limit = shared
+        .config()
+        .limits
+        .max_queued_reply_bytes
+        .clamp(1, u32::MAX as usize);
+    let out_budget = Arc::new(tokio::sync::Semaphore::new(out_limit));
     let id = shared.next_conn_id();
     let conn = Arc::new(ClientConn {
         id,
@@ -130,6 +140,8 @@ async fn run<R, W>(
         shared: shared.clone(),
         cancel: CancellationToken::new(),
         out: out_tx,
+        out_budget: out_budget.clone(),
+        out_limit,
         st: Mutex::new(ConnState::default()),
         next_srv: AtomicU64::new(1),
         busy: AtomicUsize::new(0),
@@ -140,7 +152,17 @@ async fn run<R, W>(
     shared.metrics.connections_active.inc();
     let started = Instant::now();
     debug!(conn = id, %peer, identity = ?conn.identity(), "client connected");
-    let writer = tokio::spawn(wire::writer(w, out_rx));
+    let budget = out_budget.clone();
+    let writer = tokio::spawn(async move {
+        let mut out_rx = out_rx;
+        let res = wire::writer_with(w, &mut out_rx, |body: Bytes| {
+            budget.add_permits(body.len().clamp(1, out_limit));
+            Some(body)
+        })
+        .await;
+        budget.close();
+        res
+    });
     // One cancellation waiter for the connection's life, not one registered per frame.
     let cancelled = conn.cancel.clone().cancelled_owned();
     tokio::pin!(cancelled);
@@ -233,6 +255,8 @@ async fn run<R, W>(
             "client did not read its last replies; connection dropped"
         );
     }
+    // Nothing will read the queue again: release whoever waits to add to it.
+    out_budget.close();
     if linger {
         let mut rest = reader.into_inner();
         let _ = tokio::time::timeout(
@@ -285,6 +309,12 @@ impl ClientConn {
     /// Queues a body for the client; a closed client just drops it.
     pub async fn send_to_client(&self, body: Bytes) {
         self.shared.metrics.frame("client_out", body.len());
+        // Closed budget: the client is gone, and so is the body.
+        let cost = body.len().clamp(1, self.out_limit) as u32;
+        let Ok(permit) = self.out_budget.acquire_many(cost).await else {
+            return;
+        };
+        permit.forget();
         let _ = self.out.send(body).await;
     }
 
