@@ -249,3 +249,32 @@ async fn get_foreground_is_answered_like_a_headless_cli() {
     })
     .await;
 }
+
+/// A session idle on a backend that is killed and restarted is resumed on it again at its next
+/// request: the new CLI process has it on disk, not live for the proxy's new link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_through_its_backends_restart_is_resumed_there() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        let mut c = Client::connected(addr).await;
+        c.ok("session.create", json!({"sessionId": "rs-idle"}))
+            .await;
+        c.ok("session.send", send_params("rs-idle", "one")).await;
+        fakes[0].kill();
+        let b = run.shared.pool.all()[0].clone();
+        assert!(eventually(Duration::from_secs(5), || !b.healthy()).await);
+        fakes[0].restart().await.expect("restart");
+        assert!(eventually(Duration::from_secs(5), || b.healthy() && b.confirmed()).await);
+        let f = c.call("session.send", send_params("rs-idle", "two")).await;
+        assert!(f.json.get("result").is_some(), "{}", f.text());
+        let stored = fakes[0].storage().get("rs-idle").expect("stored");
+        let prompts = stored
+            .history
+            .iter()
+            .filter(|e| e["type"] == "user.message")
+            .count();
+        assert_eq!(prompts, 2);
+    })
+    .await;
+}

@@ -39,6 +39,16 @@ struct Joined {
     params: Option<String>,
     /// A turn was sent and no `session.idle`/`session.error` seen yet.
     turn: bool,
+    /// The link it was joined through broke: the CLI released it for this connection (or
+    /// restarted without it), so it must be resumed again before its next request.
+    lost_link: bool,
+}
+
+impl Joined {
+    /// Whether using the session on `backend` first needs a `session.resume` there.
+    fn needs_resume_on(&self, backend: &str) -> bool {
+        self.lost_link || self.backend != backend
+    }
 }
 
 #[derive(Default)]
@@ -775,7 +785,7 @@ impl ClientConn {
         self.lock()
             .joined
             .get(sid)
-            .is_some_and(|j| j.backend != b.name)
+            .is_some_and(|j| j.needs_resume_on(&b.name))
     }
 
     /// Runs `ensure_session` for the request's session in a task, with the session's requests
@@ -889,7 +899,7 @@ impl ClientConn {
                         continue;
                     }
                     let params = self.lock().joined.get(sid).cloned();
-                    if let Some(j) = params.filter(|j| j.backend != b.name) {
+                    if let Some(j) = params.filter(|j| j.needs_resume_on(&b.name)) {
                         match self.rejoin(sid, b, j.params.as_deref(), deadline).await {
                             Ok(()) => {}
                             Err(RejoinError::Unreachable(e)) => {
@@ -1061,6 +1071,7 @@ impl ClientConn {
         let mut st = self.lock();
         if let Some(j) = st.joined.get_mut(sid) {
             j.backend = b.name.clone();
+            j.lost_link = false;
         }
         Ok(())
     }
@@ -1173,6 +1184,7 @@ impl ClientConn {
                         backend: backend.to_string(),
                         params,
                         turn: false,
+                        lost_link: false,
                     },
                 )
                 .is_none()
@@ -1377,6 +1389,13 @@ impl ClientConn {
                 .is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), link))
             {
                 st.links.remove(&link.backend.name);
+            }
+            if matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced) {
+                for j in st.joined.values_mut() {
+                    if j.backend == link.backend.name {
+                        j.lost_link = true;
+                    }
+                }
             }
             st.server_reqs
                 .retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
