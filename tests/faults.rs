@@ -278,3 +278,39 @@ async fn a_session_idle_through_its_backends_restart_is_resumed_there() {
     })
     .await;
 }
+
+/// New sessions created just after two of three backends died, before health marks them
+/// down, all land on the survivor: each create walks past every backend that failed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_right_after_a_double_failure_all_land_on_the_survivor() {
+    within(T, async {
+        for round in 0..3 {
+            let fakes = fakes(3, true).await;
+            let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
+            let mut cfg = config(&addrs);
+            cfg.sessions.shared_storage = true;
+            cfg.health.fall = 1000; // health must not decide this: the walk must
+            let (_run, addr) = proxy(cfg).await;
+            let mut c = Client::connected(addr).await;
+            fakes[0].kill();
+            fakes[1].kill();
+            // Ids whose ranking puts both dead backends before the survivor.
+            let names = names(&fakes);
+            let ids: Vec<String> = (0..)
+                .map(|i| format!("dc-{round}-{i}"))
+                .filter(|sid| {
+                    let order =
+                        copilot_lb::balance::rank(sid, names.iter().map(|n| (n.as_str(), 1.0)));
+                    order[2] == 2
+                })
+                .take(10)
+                .collect();
+            for sid in ids {
+                let f = c.call("session.create", json!({"sessionId": sid})).await;
+                assert!(f.json.get("result").is_some(), "{sid}: {}", f.text());
+                assert_eq!(holders(&fakes, &sid)[0].addr(), fakes[2].addr());
+            }
+        }
+    })
+    .await;
+}

@@ -479,6 +479,7 @@ impl ClientConn {
                     started: Instant::now(),
                     fresh: false,
                     attempts: 0,
+                    avoid: Vec::new(),
                 };
                 self.lock().requests += 1;
                 if !params_ok && req.route != Route::Local {
@@ -1332,9 +1333,12 @@ impl ClientConn {
                 self.unjoin(sid);
                 self.shared.sessions.remove(sid, &self.shared.pool);
             }
+            // Every backend that failed it stays excluded, so a double failure walks on to a
+            // live backend and the walk ends when none is left (-32011).
             let mut req = req;
             req.fresh = false;
-            let exclude = vec![backend.name.clone()];
+            req.avoid.push(backend.name.clone());
+            let exclude = req.avoid.clone();
             let me = self.clone();
             return Box::pin(me.create(req, exclude)).await;
         }

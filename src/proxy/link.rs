@@ -42,6 +42,8 @@ pub struct ClientReq {
     pub fresh: bool,
     /// Routing attempts so far (bounds re-routing after link failures).
     pub attempts: u8,
+    /// For `session.create`: backends that could not be reached for it, never tried again.
+    pub avoid: Vec<String>,
 }
 
 /// What happens to a pending entry when its reply arrives.
