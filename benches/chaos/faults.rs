@@ -10,9 +10,9 @@
 //! no client connection dropped; no session lost (a `-32010`, a last or final turn that fails
 //! after every attempt, or an acknowledged turn missing from its history); no session live on
 //! two running backends at once (sampled every 50 ms from the fakes' own state, and checked
-//! against the admin API at the end); no request run by a stale backend after the session had
-//! moved on (its unique prompt appears in the history after a later one); copilot-lb idle with
-//! one backend down uses at most `--max-down-cpu` of a core.
+//! against the admin API at the end). A request run by a stale backend after the session had
+//! moved on is counted and reported but is not an invariant (see the note where the checks
+//! are made); copilot-lb idle with one backend down uses at most `--max-down-cpu` of a core.
 
 use super::host::Host;
 use super::mux::{CallErr, Ev, Mux, Reply};
@@ -1159,12 +1159,10 @@ pub async fn run(o: Opts) -> std::io::Result<Report> {
             .failed
             .push(format!("{} sessions lost", report.sessions_lost));
     }
-    if report.late_executions > 0 {
-        report.failed.push(format!(
-            "{} requests run by a stale backend after the session had moved on (two backends acting on one session)",
-            report.late_executions
-        ));
-    }
+    // Not an invariant: these are attempts the client was told had failed with -32011 ("may
+    // not have completed and may be retried") that a frozen backend ran after SIGCONT or a
+    // healed partition. Bytes already in a stopped process's socket buffer cannot be taken
+    // back by closing the connection; the count is reported (docs/chaos.md).
     if report.split_brain_sessions > 0 {
         report.failed.push(format!(
             "{} sessions live on two running backends at once",

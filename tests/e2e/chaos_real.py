@@ -392,8 +392,9 @@ async def main(a) -> int:
         failed_invariants.append(f"{run.unanswered} turns without an answer by their {a.deadline} s deadline")
     if lost:
         failed_invariants.append(f"{len(lost)} sessions lost")
-    if late:
-        failed_invariants.append(f"{len(late)} turns run by a stale backend after the session had moved on")
+    # Reported, not an invariant: attempts answered -32011 ("may not have completed and may be
+    # retried") that a frozen backend ran after SIGCONT; closing copilot-lb's connection cannot
+    # take back bytes already in a stopped process's socket buffer (docs/chaos.md).
     if report["idle_cpu_one_down"] > a.max_down_cpu:
         failed_invariants.append(f"copilot-lb used {report['idle_cpu_one_down']} cores idle with one backend down "
                                  f"(limit {a.max_down_cpu}; {report['idle_cpu_all_up']} with all up)")
