@@ -6,9 +6,14 @@ use copilot_lb::codec::{encode_frame, FrameReader, Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let limits = Limits { max_header: 256, max_frame: 4096 };
+        let limits = Limits {
+            max_header: 256,
+            max_frame: 4096,
+        };
         let mut r = FrameReader::new(data, limits);
         for _ in 0..64 {
             match r.read_frame().await {
