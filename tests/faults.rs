@@ -314,3 +314,36 @@ async fn creates_right_after_a_double_failure_all_land_on_the_survivor() {
     })
     .await;
 }
+
+/// A create in flight on a backend that freezes gets -32011; retrying it (same id) is placed
+/// on a live backend instead of waiting for the frozen one to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_lost_in_flight_can_be_retried_elsewhere() {
+    within(T, async {
+        let fakes = fakes(2, true).await;
+        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
+        let mut cfg = config(&addrs);
+        cfg.sessions.shared_storage = true;
+        let (_run, addr) = proxy(cfg).await;
+        let names = names(&fakes);
+        let on_first: Vec<String> = (0..)
+            .map(|i| format!("cf-{i}"))
+            .filter(|s| {
+                copilot_lb::balance::rank(s, names.iter().map(|n| (n.as_str(), 1.0)))[0] == 0
+            })
+            .take(2)
+            .collect();
+        let sid = on_first[1].clone();
+        let mut c = Client::connected(addr).await;
+        // The link to the first backend exists before it freezes, so the create is written.
+        c.ok("session.create", json!({"sessionId": on_first[0]}))
+            .await;
+        fakes[0].stall(true);
+        let f = c.call("session.create", json!({"sessionId": sid})).await;
+        assert_eq!(f.error_code(), Some(-32011), "{}", f.text());
+        let f = c.call("session.create", json!({"sessionId": sid})).await;
+        assert!(f.json.get("result").is_some(), "retry: {}", f.text());
+        assert_eq!(holders(&fakes, &sid)[0].addr(), fakes[1].addr());
+    })
+    .await;
+}

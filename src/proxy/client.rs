@@ -1196,6 +1196,17 @@ impl ClientConn {
         }
     }
 
+    /// Undoes what a failed `session.create` installed: this connection's join and, unless
+    /// another client has the session open, its route.
+    fn forget_failed_create(&self, sid: &str) {
+        self.unjoin(sid);
+        if let Some(p) = self.shared.sessions.get(sid) {
+            if p.live_conns == 0 {
+                self.shared.sessions.remove(sid, &self.shared.pool);
+            }
+        }
+    }
+
     fn unjoin(&self, sid: &str) {
         if self.lock().joined.remove(sid).is_some() {
             self.shared.sessions.leave(sid, &self.shared.pool);
@@ -1417,6 +1428,12 @@ impl ClientConn {
                 me.turns_lost(&backend.name, &reason).await;
             }
             for meta in in_flight {
+                if meta.route == Route::Create && meta.fresh {
+                    // It may never have run: a retry must be free to place it elsewhere.
+                    if let Some(sid) = &meta.session {
+                        me.forget_failed_create(sid);
+                    }
+                }
                 me.shared
                     .metrics
                     .request(route::class_label(meta.route), "proxy_error");
@@ -1454,17 +1471,8 @@ impl ClientConn {
         let class = route::class_label(meta.route);
         if let Some(sid) = &meta.session {
             match meta.route {
-                Route::Create | Route::Resume if is_error => {
-                    self.unjoin(sid);
-                    if meta.route == Route::Create {
-                        // Only forget a route this very request installed.
-                        if let Some(p) = self.shared.sessions.get(sid) {
-                            if p.live_conns == 0 {
-                                self.shared.sessions.remove(sid, &self.shared.pool);
-                            }
-                        }
-                    }
-                }
+                Route::Create if is_error => self.forget_failed_create(sid),
+                Route::Resume if is_error => self.unjoin(sid),
                 Route::Create => {
                     info!(conn = self.id, session = %sid, backend = %_link.backend.name, "session created")
                 }
