@@ -212,7 +212,7 @@ pub fn check_text(body: &[u8], max_depth: usize) -> Result<(), EnvelopeError> {
                 // Skip the string: brackets inside it do not nest.
                 i += 1;
                 loop {
-                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                    match memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or_default()) {
                         Some(p) if body[i + p] == b'\\' => i += p + 2,
                         Some(p) => {
                             i += p + 1;
@@ -450,7 +450,8 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 fn string_end(b: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 1;
     loop {
-        let p = memchr::memchr2(b'"', b'\\', &b[i..])?;
+        // A trailing backslash steps past the end: `get` ends the scan instead of panicking.
+        let p = memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
         if b[i + p] == b'\\' {
             i += p + 2;
         } else {
@@ -504,6 +505,15 @@ mod tests {
         }
         wide.extend_from_slice(b"0}");
         assert_eq!(check_text(&wide, 128), Ok(()));
+    }
+
+    #[test]
+    fn a_trailing_backslash_never_panics() {
+        assert_eq!(sniff_id(b"{\"id\":\"\\"), None);
+        assert_eq!(sniff_id(b"{\"a\":\"\\"), None);
+        let mut b = b"[],[],[],\"".to_vec();
+        b.push(b'\\');
+        assert_eq!(check_text(&b, 2), Ok(()));
     }
 
     #[test]

@@ -347,3 +347,30 @@ async fn a_create_lost_in_flight_can_be_retried_elsewhere() {
     })
     .await;
 }
+
+/// A client that closes its side sees the proxy close promptly, even with upstream links
+/// open: waiting for a backend to release the client's sessions never holds up the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_client_is_not_held_by_its_links() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
+        for i in 0..3 {
+            let mut c = Client::connected(addr).await;
+            c.ok("session.create", json!({"sessionId": format!("cl-{i}")}))
+                .await;
+            c.shutdown_write().await;
+            let started = Instant::now();
+            assert!(
+                c.closed_within(Duration::from_secs(5)).await,
+                "never closed"
+            );
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_millis(300),
+                "round {i}: the proxy closed {took:?} after the client did"
+            );
+        }
+    })
+    .await;
+}

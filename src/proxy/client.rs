@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long a resume waits for a closed client's link to the session to finish closing.
-const RELEASE_LIMIT: Duration = Duration::from_secs(1);
+const RELEASE_LIMIT: Duration = Duration::from_millis(250);
 
 /// How long a fan-out waits for each backend.
 const FANOUT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -360,7 +360,13 @@ impl ClientConn {
     async fn settle(&self) {
         let deadline =
             crate::config::deadline_after(self.shared.config().limits.shutdown_timeout.0);
-        while self.in_flight() > 0 && Instant::now() < deadline && !self.cancel.is_cancelled() {
+        // Not once the CLI asks this client something: a client that can no longer write can
+        // never answer, so whatever waits on that answer would never complete.
+        while self.in_flight() > 0
+            && self.lock().server_reqs.is_empty()
+            && Instant::now() < deadline
+            && !self.cancel.is_cancelled()
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

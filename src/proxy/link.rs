@@ -77,6 +77,8 @@ pub struct Link {
     /// Cancelled once the link's connection is fully closed: after a close the proxy asked
     /// for, when the backend has closed its side too, i.e. the CLI has seen the client go.
     released: CancellationToken,
+    /// A drain task owns the closing socket and cancels `released` itself.
+    release_handed_off: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Link {
@@ -114,6 +116,7 @@ impl Link {
             next_id: AtomicU64::new(1),
             cancel: conn.cancel.child_token(),
             released: CancellationToken::new(),
+            release_handed_off: std::sync::atomic::AtomicBool::new(false),
         });
         let fence = backend.fence_token();
         tokio::spawn(run(link.clone(), rx, conn.clone(), fence));
@@ -285,8 +288,11 @@ async fn run(
         _ = fence.cancelled() => LinkEnd::Fenced,
         end = session(&link, &mut rx, &conn) => end,
     };
-    // The socket is gone (session() dropped it); a resume held for it may go ahead.
-    link.released.cancel();
+    // The socket is gone (session() dropped it), unless a drain task waits for the backend's
+    // close and releases it then; a resume held for it may go ahead.
+    if !link.release_handed_off.load(Ordering::Acquire) {
+        link.released.cancel();
+    }
     gauge.dec();
     backend.links.fetch_sub(1, Ordering::Relaxed);
     rx.close();
@@ -410,17 +416,24 @@ async fn session(
     if matches!(end, LinkEnd::Closed) {
         // The writer is dropped, which half-closes the socket. The CLI cleans up a client's
         // sessions when it sees the close; waiting for its own close (bounded) lets a resume
-        // of those sessions from a new client follow that cleanup instead of racing it.
-        let _ = tokio::time::timeout(RELEASE_WAIT, async {
-            while let Ok(Some(_)) = reader.read_frame().await {}
-        })
-        .await;
+        // of those sessions from a new client follow that cleanup instead of racing it. The
+        // wait holds only the backend socket, so the client's own connection closes at once.
+        let released = link.released.clone();
+        link.release_handed_off.store(true, Ordering::Release);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(RELEASE_WAIT, async {
+                while let Ok(Some(_)) = reader.read_frame().await {}
+            })
+            .await;
+            drop(reader);
+            released.cancel();
+        });
     }
     end
 }
 
 /// How long a closing link waits for the backend to close its side.
-const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A backend frame over the limit was skipped. If it was a reply, whoever waits for it gets an
 /// error instead of waiting forever.

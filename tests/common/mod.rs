@@ -128,6 +128,11 @@ impl Client {
         c
     }
 
+    /// Closes the write side (a TCP half-close); replies can still be read.
+    pub async fn shutdown_write(&mut self) {
+        self.w.shutdown().await.expect("shutdown");
+    }
+
     /// Writes raw bytes in one write.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.w.write_all(bytes).await.expect("write");
