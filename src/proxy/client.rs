@@ -934,13 +934,7 @@ impl ClientConn {
             };
             let old = p.backend.clone();
             if cfg.sessions.policy() == crate::config::FailoverPolicy::Fail {
-                self.shared
-                    .metrics
-                    .failover_failures
-                    .get_or_create(&crate::metrics::BackendLabels {
-                        backend: old.clone(),
-                    })
-                    .inc();
+                self.count_failover_failure(&old);
                 return Err(Refusal {
                     code: rpc::SESSION_LOST,
                     message: format!("session {sid} lived on backend {old}, which is down; backends do not share session storage (failover policy 'fail'), so the session must be recreated"),
@@ -995,13 +989,7 @@ impl ClientConn {
                         continue;
                     }
                     Err(RejoinError::Refused(e)) => {
-                        self.shared
-                            .metrics
-                            .failover_failures
-                            .get_or_create(&crate::metrics::BackendLabels {
-                                backend: old.clone(),
-                            })
-                            .inc();
+                        self.count_failover_failure(&old);
                         warn!(conn = self.id, session = %sid, from = %old, to = %target.name, error = %e, "failover resume failed");
                         return Err(Refusal {
                             code: rpc::SESSION_LOST,
@@ -1029,6 +1017,16 @@ impl ClientConn {
             }
             // Someone else moved it meanwhile; follow it.
         }
+    }
+
+    fn count_failover_failure(&self, from: &str) {
+        self.shared
+            .metrics
+            .failover_failures
+            .get_or_create(&crate::metrics::BackendLabels {
+                backend: from.to_string(),
+            })
+            .inc();
     }
 
     /// Resumes `sid` on `b` for this connection with the parameters it last used, within
