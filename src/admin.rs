@@ -1,6 +1,6 @@
 //! Admin HTTP endpoint: liveness, readiness, Prometheus metrics, and the operator API.
 
-use crate::proxy::Shared;
+use crate::context::Shared;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -9,7 +9,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -63,13 +62,10 @@ fn json_resp(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> 
 }
 
 fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
-    let live = b.live_sessions.load(Ordering::Relaxed);
-    let history: Vec<_> = b
+    let st = b.status();
+    let history: Vec<_> = st
         .history
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .rev()
         .map(|c| {
             let at =
                 c.at.duration_since(std::time::UNIX_EPOCH)
@@ -79,20 +75,20 @@ fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
         })
         .collect();
     json!({
-        "name": b.name,
-        "address": b.address,
-        "state": b.state().as_str(),
-        "healthy": b.healthy(),
-        "draining": b.draining(),
-        "drained": b.draining() && live == 0,
-        "weight": b.weight,
-        "max_sessions": b.max_sessions,
-        "live_sessions": live,
-        "links": b.links.load(Ordering::Relaxed),
-        "connections": b.links.load(Ordering::Relaxed),
-        "version": b.version.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        "consecutive_failures": b.fails.load(Ordering::Relaxed),
-        "consecutive_successes": b.oks.load(Ordering::Relaxed),
+        "name": st.name,
+        "address": st.address,
+        "state": st.state.as_str(),
+        "healthy": st.healthy,
+        "draining": st.draining,
+        "drained": st.draining && st.live_sessions == 0,
+        "weight": st.weight,
+        "max_sessions": st.max_sessions,
+        "live_sessions": st.live_sessions,
+        "links": st.links,
+        "connections": st.links,
+        "version": st.version,
+        "consecutive_failures": st.consecutive_failures,
+        "consecutive_successes": st.consecutive_successes,
         "health_history": history,
     })
 }
@@ -232,14 +228,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        (&Method::GET, ["metrics"]) => {
-            shared.refresh_gauges();
-            text(
-                StatusCode::OK,
-                shared.metrics.render(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-        }
+        (&Method::GET, ["metrics"]) => text(
+            StatusCode::OK,
+            shared.render_metrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
         (&Method::GET, ["api", "backends"]) => {
             let list: Vec<_> = shared.pool.all().iter().map(|b| backend_json(b)).collect();
             json_resp(StatusCode::OK, json!({ "backends": list }))
@@ -252,7 +245,6 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Some(b) => {
                     b.set_draining(*action == "drain");
                     info!(backend = %b.name, action = *action, "admin: backend {action}ed");
-                    shared.refresh_gauges();
                     json_resp(StatusCode::OK, backend_json(&b))
                 }
                 None => json_resp(
@@ -300,7 +292,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 warn!(error = %e, "configuration reload refused (admin API)");
                 json_resp(
                     StatusCode::BAD_REQUEST,
-                    json!({"reloaded": false, "error": e}),
+                    json!({"reloaded": false, "error": e.to_string()}),
                 )
             }
         },

@@ -5,7 +5,6 @@
 use crate::backend::Pool;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 /// One session's placement.
@@ -89,7 +88,7 @@ impl SessionTable {
             p.last_seen = Instant::now();
             if p.live_conns == 1 {
                 if let Some(b) = pool.get(&p.backend) {
-                    b.live_sessions.fetch_add(1, Ordering::Relaxed);
+                    b.session_started();
                 }
             }
         }
@@ -102,7 +101,7 @@ impl SessionTable {
                 p.live_conns -= 1;
                 if p.live_conns == 0 {
                     if let Some(b) = pool.get(&p.backend) {
-                        dec(&b.live_sessions);
+                        b.session_ended();
                     }
                 }
             }
@@ -130,7 +129,7 @@ impl SessionTable {
         let (_, p) = self.map.remove(id)?;
         if p.live_conns > 0 {
             if let Some(b) = pool.get(&p.backend) {
-                dec(&b.live_sessions);
+                b.session_ended();
             }
         }
         Some(p)
@@ -143,10 +142,10 @@ impl SessionTable {
         if p.backend == from {
             if p.live_conns > 0 {
                 if let Some(b) = pool.get(from) {
-                    dec(&b.live_sessions);
+                    b.session_ended();
                 }
                 if let Some(b) = pool.get(to) {
-                    b.live_sessions.fetch_add(1, Ordering::Relaxed);
+                    b.session_started();
                 }
             }
             p.backend = to.to_string();
@@ -173,8 +172,4 @@ impl SessionTable {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
-}
-
-fn dec(a: &std::sync::atomic::AtomicU64) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
 }

@@ -1,7 +1,8 @@
 //! Process wiring for `copilot-lb serve`: logging, listeners, health, admin, signals.
 
 use crate::config::{Config, ListenerMode, LogFormat, Overrides};
-use crate::proxy::{self, Shared, StartError};
+use crate::context::Shared;
+use crate::proxy;
 use crate::tls::ServerTlsStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +25,31 @@ pub fn init_logging(cfg: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+/// Start-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A backend could not be built (unreadable token source, TLS material).
+    #[error("{0}")]
+    Backend(#[from] crate::backend::BackendError),
+    /// The event loops could not be started.
+    #[error("{0}")]
+    Loops(crate::runtime::RuntimeError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+    /// TLS material could not be loaded.
+    #[error("listener {listener}: {source}")]
+    Tls {
+        /// Listener address.
+        listener: String,
+        /// Cause.
+        source: crate::tls::TlsError,
+    },
+    /// A listener could not bind.
+    #[error("{0}")]
+    Bind(#[from] proxy::BindError),
 }
 
 /// A running proxy: its shared state and the addresses it bound.
@@ -52,7 +78,7 @@ pub async fn start_on(
         Some(a) => Some(
             tokio::net::TcpListener::bind(&a.listen.value)
                 .await
-                .map_err(|source| StartError::Bind {
+                .map_err(|source| proxy::BindError {
                     addr: a.listen.value.clone(),
                     source,
                 })?,
@@ -63,15 +89,14 @@ pub async fn start_on(
         .listeners
         .iter()
         .any(|l| l.mode == ListenerMode::Jsonrpc);
-    let shared = Shared::new(cfg)?;
-    if let Some(l) = loops {
-        let busy = match shared.config().runtime.busy_poll {
+    if let Some(l) = &loops {
+        let busy = match cfg.runtime.busy_poll {
             Some(m) if !m.0.is_zero() => format!("{:?}", m.0),
             _ => "off".into(),
         };
         info!(threads = l.threads(), busy_poll = %busy, "event loops started");
-        shared.set_loops(l);
     }
+    let shared = Shared::new(cfg, loops)?;
     if jsonrpc {
         proxy::warn_if_open(&shared);
     }
@@ -161,7 +186,7 @@ pub async fn run(cfg: Config, source: Option<(PathBuf, Overrides)>) -> Result<()
 pub async fn graceful_shutdown(shared: &Arc<Shared>) {
     let deadline = crate::config::deadline_after(shared.config().limits.shutdown_timeout.0);
     shared.stop_accepting.cancel();
-    info!(open = shared.conns.len(), timeout = ?shared.config().limits.shutdown_timeout.0, "draining: no new connections");
+    info!(open = shared.conn_count(), timeout = ?shared.config().limits.shutdown_timeout.0, "draining: no new connections");
     loop {
         let conns = shared.live_conns();
         if conns.is_empty() {

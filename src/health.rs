@@ -2,69 +2,39 @@
 //! connection, plus passive signals from live traffic, with rise/fall thresholds so a single
 //! failed probe never moves a session.
 
-use crate::backend::{Backend, Check};
+use crate::backend::Backend;
 use crate::config::HealthConfig;
-use crate::metrics::{BackendLabels, TransitionLabels};
-use crate::proxy::Shared;
+use crate::context::Shared;
 use rand::Rng;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-const HISTORY: usize = 20;
-
-/// Records one observation and applies rise/fall. Returns true if the state changed.
+/// Records one observation and applies rise/fall; logs and counts a transition. Returns true
+/// if the state changed.
 pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool {
-    {
-        let mut h = b.history.lock().unwrap_or_else(|e| e.into_inner());
-        h.push_back(Check {
-            at: SystemTime::now(),
-            ok,
-            detail: detail.to_string(),
-        });
-        while h.len() > HISTORY {
-            h.pop_front();
-        }
-    }
     let cfg = shared.config();
-    let changed = if ok {
-        b.fails.store(0, Ordering::Relaxed);
-        let oks = b.oks.fetch_add(1, Ordering::Relaxed) + 1;
-        if !b.healthy() && oks >= cfg.health.rise {
-            b.set_healthy(true);
-            info!(backend = %b.name, address = %b.address, successes = oks, "backend is UP");
-            true
-        } else {
-            false
-        }
-    } else {
-        b.oks.store(0, Ordering::Relaxed);
-        let fails = b.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if b.healthy() && fails >= cfg.health.fall {
-            // Fencing closes every link to it, so the CLI releases its sessions if it lives.
-            b.set_healthy(false);
-            warn!(backend = %b.name, address = %b.address, failures = fails, last = %detail, "backend is DOWN");
-            true
-        } else {
-            false
-        }
+    let Some(up) = b.observe(ok, detail, cfg.health.rise, cfg.health.fall) else {
+        return false;
     };
-    if changed {
-        shared
-            .metrics
-            .backend_transitions
-            .get_or_create(&TransitionLabels {
-                backend: b.name.clone(),
-                to: b.state().as_str(),
-            })
-            .inc();
-        shared.refresh_gauges();
+    if up {
+        info!(backend = %b.name, address = %b.address, "backend is UP");
+    } else {
+        warn!(backend = %b.name, address = %b.address, failures = b.consecutive_failures(), last = %detail, "backend is DOWN");
     }
-    changed
+    shared.metrics.transition(&b.name, b.state().as_str());
+    true
+}
+
+/// A failure seen on live traffic (refused, reset, timeout): counts toward `fall`, and asks
+/// for one early probe to confirm (ignored unless the backend was healthy).
+pub fn passive_failure(shared: &Shared, b: &Arc<Backend>, error: &str) {
+    shared.metrics.passive_failure(&b.name);
+    record(shared, b, false, &format!("passive: {error}"));
+    b.probe_soon();
 }
 
 /// One active probe: TCP (or TLS) connect, `connect` with the backend's token, `ping`.
@@ -105,7 +75,7 @@ pub(crate) enum Phase {
 
 impl Phase {
     fn of(b: &Backend, fall: u32) -> Phase {
-        let fails = b.fails.load(Ordering::Relaxed);
+        let fails = b.consecutive_failures();
         match (b.healthy(), fails) {
             (true, 0) => Phase::Healthy,
             (true, _) => Phase::Suspect,
@@ -143,16 +113,11 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
         let cfg = shared.config();
         let started = Instant::now();
         let res = probe(&b, cfg.health.timeout.0).await;
-        let l = BackendLabels {
-            backend: b.name.clone(),
-        };
+        shared
+            .metrics
+            .probe(&b.name, res.as_ref().map(|d| *d).map_err(|_| ()));
         match res {
             Ok(d) => {
-                shared
-                    .metrics
-                    .probe_duration
-                    .get_or_create(&l)
-                    .observe(d.as_secs_f64());
                 record(
                     &shared,
                     &b,
@@ -161,7 +126,6 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
                 );
             }
             Err(e) => {
-                shared.metrics.probe_failures.get_or_create(&l).inc();
                 record(&shared, &b, false, &e);
             }
         }
@@ -172,7 +136,7 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
         // suspect or down the schedule alone decides, so failures can never feed a loop.
         let early = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
-            _ = b.probe_now.notified(), if phase == Phase::Healthy => true,
+            _ = b.probe_requested(), if phase == Phase::Healthy => true,
             _ = shared.shutdown.cancelled() => return,
         };
         if early {

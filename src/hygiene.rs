@@ -3,7 +3,7 @@
 //! tenant (`max_session_age`, `max_idle`; off by default), and the admin API deletes on demand.
 
 use crate::backend::Backend;
-use crate::proxy::Shared;
+use crate::context::Shared;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -45,18 +45,11 @@ pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<
         return Err(format!("backend {} refused: {err}", b.name));
     }
     shared.sessions.remove(sid, &shared.pool);
-    shared.refresh_gauges();
-    shared
-        .metrics
-        .sessions_reaped
-        .get_or_create(&crate::metrics::ReasonLabels {
-            reason: match reason {
-                "max_session_age" => "max_session_age",
-                "max_idle" => "max_idle",
-                _ => "admin",
-            },
-        })
-        .inc();
+    shared.metrics.session_deleted(match reason {
+        "max_session_age" => "max_session_age",
+        "max_idle" => "max_idle",
+        _ => "admin",
+    });
     info!(session = %sid, backend = %b.name, owner = %p.owner, reason, "session deleted by copilot-lb");
     Ok(true)
 }

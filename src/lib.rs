@@ -11,6 +11,7 @@ pub mod backend;
 pub mod balance;
 pub mod codec;
 pub mod config;
+pub mod context;
 pub mod envelope;
 pub mod fake_cli;
 pub mod health;

@@ -63,42 +63,56 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     /// Client connections accepted.
-    pub connections_total: Counter,
+    connections_total: Counter,
     /// Client connections open now.
-    pub connections_active: Gauge,
+    connections_active: Gauge,
     /// Client requests by class and result.
-    pub requests: Family<ReqLabels, Counter>,
+    requests: Family<ReqLabels, Counter>,
     /// Request latency by class (seconds, client request in to reply out).
-    pub request_duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
+    request_duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
     /// Frame bytes by direction.
-    pub frame_bytes: Family<DirLabels, Counter>,
+    frame_bytes: Family<DirLabels, Counter>,
     /// Frames by direction.
-    pub frames: Family<DirLabels, Counter>,
+    frames: Family<DirLabels, Counter>,
     /// Frames refused (oversized, unparseable) by reason.
-    pub bad_frames: Family<ReasonLabels, Counter>,
+    bad_frames: Family<ReasonLabels, Counter>,
     /// Live sessions per backend.
-    pub sessions: Family<BackendLabels, Gauge>,
+    sessions: Family<BackendLabels, Gauge>,
     /// Backend state: 0 up, 1 draining, 2 down.
-    pub backend_state: Family<BackendLabels, Gauge>,
+    backend_state: Family<BackendLabels, Gauge>,
     /// Backend state transitions.
-    pub backend_transitions: Family<TransitionLabels, Counter>,
+    backend_transitions: Family<TransitionLabels, Counter>,
     /// Upstream links open per backend.
-    pub backend_links: Family<BackendLabels, Gauge>,
+    backend_links: Family<BackendLabels, Gauge>,
     /// Sessions moved to another backend by failover.
-    pub failovers: Family<BackendLabels, Counter>,
+    failovers: Family<BackendLabels, Counter>,
     /// Sessions that could not fail over (policy fail, or resume refused).
-    pub failover_failures: Family<BackendLabels, Counter>,
+    failover_failures: Family<BackendLabels, Counter>,
     /// Health probe latency (seconds).
-    pub probe_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    probe_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
     /// Health probe failures.
-    pub probe_failures: Family<BackendLabels, Counter>,
+    probe_failures: Family<BackendLabels, Counter>,
     /// Passive failures seen on live traffic.
-    pub passive_failures: Family<BackendLabels, Counter>,
+    passive_failures: Family<BackendLabels, Counter>,
     /// Sessions deleted by copilot-lb (hygiene limits or admin API), by reason.
-    pub sessions_reaped: Family<ReasonLabels, Counter>,
+    sessions_reaped: Family<ReasonLabels, Counter>,
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
     /// under a lock, on every frame.
     dirs: Vec<(&'static str, Counter, Counter)>,
+}
+
+/// One backend's gauges, read from the pool when `/metrics` is scraped: the data path only
+/// keeps its own atomics and never pushes gauges.
+#[derive(Debug, Clone)]
+pub struct BackendGauges {
+    /// Backend name.
+    pub backend: String,
+    /// Live sessions.
+    pub sessions: u64,
+    /// 0 up, 1 draining, 2 down.
+    pub state: i64,
+    /// Upstream links open.
+    pub links: u64,
 }
 
 const DIRECTIONS: [&str; 4] = ["client_in", "client_out", "backend_in", "backend_out"];
@@ -249,10 +263,97 @@ impl Metrics {
         self.frame_bytes.get_or_create(&l).inc_by(bytes as u64);
     }
 
-    /// Renders the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Counts one request outcome and, for a reply the backend gave, its latency.
+    pub fn reply(&self, class: &'static str, result: &'static str, started: std::time::Instant) {
+        self.request(class, result);
+        self.request_duration
+            .get_or_create(&ClassLabels { class })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a frame the proxy refused.
+    pub fn bad_frame(&self, reason: &'static str) {
+        self.bad_frames
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a session moved off `from` by failover.
+    pub fn failover(&self, from: &str) {
+        self.failovers.get_or_create(&backend(from)).inc();
+    }
+
+    /// Counts a session that could not fail over from `from`.
+    pub fn failover_failed(&self, from: &str) {
+        self.failover_failures.get_or_create(&backend(from)).inc();
+    }
+
+    /// Counts a failure seen on live traffic.
+    pub fn passive_failure(&self, b: &str) {
+        self.passive_failures.get_or_create(&backend(b)).inc();
+    }
+
+    /// Records one active probe.
+    pub fn probe(&self, b: &str, result: Result<std::time::Duration, ()>) {
+        match result {
+            Ok(d) => self
+                .probe_duration
+                .get_or_create(&backend(b))
+                .observe(d.as_secs_f64()),
+            Err(()) => {
+                self.probe_failures.get_or_create(&backend(b)).inc();
+            }
+        }
+    }
+
+    /// Counts a backend state transition.
+    pub fn transition(&self, b: &str, to: &'static str) {
+        self.backend_transitions
+            .get_or_create(&TransitionLabels {
+                backend: b.to_string(),
+                to,
+            })
+            .inc();
+    }
+
+    /// Counts a session deleted by the proxy.
+    pub fn session_deleted(&self, reason: &'static str) {
+        self.sessions_reaped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a client connection opened.
+    pub fn connection_opened(&self) {
+        self.connections_total.inc();
+        self.connections_active.inc();
+    }
+
+    /// Counts a client connection closed.
+    pub fn connection_closed(&self) {
+        self.connections_active.dec();
+    }
+
+    /// Renders the Prometheus text format, with the backend gauges as of now.
+    pub fn render(&self, backends: impl IntoIterator<Item = BackendGauges>) -> String {
+        // Rebuilt whole, so a backend removed by a reload leaves no stale series behind.
+        self.sessions.clear();
+        self.backend_state.clear();
+        self.backend_links.clear();
+        for g in backends {
+            let l = backend(&g.backend);
+            self.sessions.get_or_create(&l).set(g.sessions as i64);
+            self.backend_state.get_or_create(&l).set(g.state);
+            self.backend_links.get_or_create(&l).set(g.links as i64);
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn backend(name: &str) -> BackendLabels {
+    BackendLabels {
+        backend: name.to_string(),
     }
 }

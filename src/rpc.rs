@@ -10,6 +10,8 @@ pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 /// `-32602`: invalid params.
 pub const INVALID_PARAMS: i64 = -32602;
+/// `-32603`: internal error, the CLI's code for any handler failure.
+pub const INTERNAL_ERROR: i64 = -32603;
 /// `-32001`: the CLI's AUTHENTICATION_REQUIRED.
 pub const AUTHENTICATION_REQUIRED: i64 = -32001;
 /// `-32002`: the CLI's AUTHENTICATION_FAILED.

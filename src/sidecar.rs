@@ -3,7 +3,7 @@
 //! TLS. The edge then knows the app by its client certificate.
 
 use crate::config::ListenerConfig;
-use crate::proxy::Shared;
+use crate::context::Shared;
 use crate::tls::{self, ClientTlsStore, TlsError};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,13 +61,12 @@ impl Sidecar {
             let sh = shared.clone();
             crate::runtime::spawn_conn(shared.loops(), stream, move |stream| async move {
                 let shared = sh;
-                shared.metrics.connections_total.inc();
-                shared.metrics.connections_active.inc();
+                shared.metrics.connection_opened();
                 tokio::select! {
                     _ = me.forward(&shared, stream) => {}
                     _ = shared.shutdown.cancelled() => {}
                 }
-                shared.metrics.connections_active.dec();
+                shared.metrics.connection_closed();
                 debug!(%peer, "sidecar connection closed");
                 drop(permit);
             });

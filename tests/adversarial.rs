@@ -71,7 +71,7 @@ struct Env {
 impl Env {
     /// Client connections the proxy currently holds.
     fn conns(&self) -> usize {
-        self.running.shared.conns.len()
+        self.running.shared.conn_count()
     }
 
     /// How often the backends saw `method`, summed.

@@ -44,13 +44,13 @@ async fn a_refusing_backend_is_probed_at_the_interval_not_in_a_loop() {
             .pool
             .all()
             .iter()
-            .map(|b| b.fails.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|b| b.consecutive_failures())
             .collect();
         let cpu0 = cpu_time();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let cpu = cpu_time() - cpu0;
         for (b, n0) in run.shared.pool.all().iter().zip(before) {
-            let probes = b.fails.load(std::sync::atomic::Ordering::Relaxed) - n0;
+            let probes = b.consecutive_failures() - n0;
             // 3 s at a 200 ms interval is at most ~16 probes; back-off makes it fewer.
             assert!(
                 probes <= 16,
@@ -76,13 +76,13 @@ async fn live_traffic_failures_trigger_at_most_one_early_probe() {
         let (run, _addr) = proxy(cfg).await;
         let b = run.shared.pool.all()[0].clone();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let n0 = b.fails.load(std::sync::atomic::Ordering::Relaxed);
+        let n0 = b.consecutive_failures();
         // A storm of passive failures from live traffic.
         for _ in 0..10_000 {
-            run.shared.health_passive_failure(&b, "refused");
+            copilot_lb::health::passive_failure(&run.shared, &b, "refused");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let active = b.fails.load(std::sync::atomic::Ordering::Relaxed) - n0 - 10_000;
+        let active = b.consecutive_failures() - n0 - 10_000;
         // Suspect probing runs at interval/8 (≥ 50 ms): ~20 in a second, not thousands.
         assert!(active <= 25, "{active} probes in 1 s after a passive storm");
     })

@@ -334,8 +334,7 @@ async fn a_client_that_never_reads_does_not_pin_its_connection() {
         let gone = common::eventually(Duration::from_secs(15), || {
             running
                 .shared
-                .metrics
-                .render()
+                .render_metrics()
                 .contains("copilot_lb_connections_active 0")
         })
         .await;

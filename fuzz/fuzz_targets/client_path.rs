@@ -457,7 +457,7 @@ fn stats(env: &Env) {
         eprintln!(
             "client_path stats after {n} inputs: proxy sessions {} connections {}, fake connections {} stored {} request kinds {}",
             sh.sessions.len(),
-            sh.conns.len(),
+            sh.conn_count(),
             env.fake.connections(),
             env.fake.stored_sessions().len(),
             env.fake.request_counts().len(),

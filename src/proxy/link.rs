@@ -3,47 +3,77 @@
 //! The CLI keys tools, handlers, event subscriptions and session cleanup on the connection, so
 //! links are never shared between clients. Every request the link writes gets a fresh integer
 //! id; the pending table maps it back to the client's exact original id.
+//!
+//! A link is a leaf: it reports to the connection that owns it through [`LinkOwner`] and
+//! knows nothing else of it.
 
-use super::client::ClientConn;
+use super::request::ClientReq;
 use crate::backend::Backend;
 use crate::codec::FrameReader;
+use crate::context::Shared;
 use crate::envelope::{self, Kind};
-use crate::route::Route;
 use crate::{rpc, wire};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// A client request in flight (or queued) on a link.
-#[derive(Debug)]
-pub struct ClientReq {
-    /// Original body from the client.
-    pub body: Bytes,
-    /// The client's id, exactly as sent.
-    pub id: Box<RawValue>,
-    /// Where the id sits in `body`.
-    pub id_span: (usize, usize),
-    /// Method name.
-    pub method: String,
-    /// Session the request is about, if any.
-    pub session: Option<String>,
-    /// Route class.
-    pub route: Route,
-    /// When the proxy read it.
-    pub started: Instant,
-    /// For `session.create`: this request installed the route (undo it if the create fails).
-    pub fresh: bool,
-    /// Routing attempts so far (bounds re-routing after link failures).
-    pub attempts: u8,
-    /// For `session.create`: backends that could not be reached for it, never tried again.
-    pub avoid: Vec<String>,
+/// What a link reports to the connection that owns it.
+pub(crate) trait LinkOwner: Send + Sync + 'static {
+    /// The connection's number, for logs.
+    fn conn_id(&self) -> u64;
+    /// Whether the client asked for telemetry forwarding (sent on the link's `connect`).
+    fn telemetry(&self) -> bool;
+    /// The backend's reply to one of the owner's requests; `span` is where its id sits.
+    fn reply(
+        &self,
+        link: &Arc<Link>,
+        req: ClientReq,
+        body: &[u8],
+        span: (usize, usize),
+        is_error: bool,
+    ) -> impl Future<Output = ()> + Send;
+    /// One of the owner's requests cannot be answered by the backend: the link answers it
+    /// with this error instead.
+    fn refuse(
+        &self,
+        req: ClientReq,
+        code: i64,
+        message: String,
+        data: Value,
+    ) -> impl Future<Output = ()> + Send;
+    /// A notification from the backend (`session` is its `params.sessionId`).
+    fn notification(
+        &self,
+        method: &str,
+        session: Option<&str>,
+        body: Bytes,
+    ) -> impl Future<Output = ()> + Send;
+    /// A request from the CLI to the client (hooks, sessionFs, user input, …).
+    fn cli_request(
+        &self,
+        link: &Arc<Link>,
+        id: Box<RawValue>,
+        span: (usize, usize),
+        method: &str,
+        body: &[u8],
+    ) -> impl Future<Output = ()> + Send;
+    /// The link ended: `unsent` requests never reached the backend (re-route them),
+    /// `in_flight` ones were written and are unanswered.
+    fn ended(
+        self: &Arc<Self>,
+        link: &Link,
+        end: &LinkEnd,
+        reason: &str,
+        unsent: Vec<ClientReq>,
+        in_flight: Vec<ClientReq>,
+    );
 }
 
 /// What happens to a pending entry when its reply arrives.
@@ -67,9 +97,9 @@ struct Inner {
 }
 
 /// A link to one backend on behalf of one client connection.
-pub struct Link {
+pub(crate) struct Link {
     /// The backend.
-    pub backend: Arc<Backend>,
+    pub(crate) backend: Arc<Backend>,
     tx: mpsc::Sender<LinkMsg>,
     inner: Mutex<Inner>,
     next_id: AtomicU64,
@@ -91,7 +121,7 @@ impl std::fmt::Debug for Link {
 
 /// How a link ended, for passive health and for deciding what to tell the client.
 #[derive(Debug, Clone)]
-pub enum LinkEnd {
+pub(crate) enum LinkEnd {
     /// The client went away or the proxy closed the link on purpose.
     Closed,
     /// The backend was fenced (marked down).
@@ -103,8 +133,14 @@ pub enum LinkEnd {
 }
 
 impl Link {
-    /// Starts a link task for `conn` to `backend`; requests may be queued at once.
-    pub fn spawn(conn: &Arc<ClientConn>, backend: Arc<Backend>) -> Arc<Link> {
+    /// Starts a link task for `owner` to `backend`, closed when `parent` is cancelled;
+    /// requests may be queued at once.
+    pub(crate) fn spawn<O: LinkOwner>(
+        owner: Arc<O>,
+        shared: Arc<Shared>,
+        parent: &CancellationToken,
+        backend: Arc<Backend>,
+    ) -> Arc<Link> {
         let (tx, rx) = mpsc::channel(1024);
         let link = Arc::new(Link {
             backend: backend.clone(),
@@ -114,12 +150,12 @@ impl Link {
                 pending: HashMap::new(),
             }),
             next_id: AtomicU64::new(1),
-            cancel: conn.cancel.child_token(),
+            cancel: parent.child_token(),
             released: CancellationToken::new(),
             release_handed_off: std::sync::atomic::AtomicBool::new(false),
         });
         let fence = backend.fence_token();
-        tokio::spawn(run(link.clone(), rx, conn.clone(), fence));
+        tokio::spawn(run(link.clone(), rx, owner, shared, fence));
         link
     }
 
@@ -128,22 +164,22 @@ impl Link {
     }
 
     /// Whether the link has ended.
-    pub fn is_dead(&self) -> bool {
+    pub(crate) fn is_dead(&self) -> bool {
         self.lock().dead.is_some()
     }
 
     /// Closes the link (client gone, or the proxy is done with it).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.cancel.cancel();
     }
 
     /// Cancelled when the link's connection is closed on both sides.
-    pub fn released(&self) -> CancellationToken {
+    pub(crate) fn released(&self) -> CancellationToken {
         self.released.clone()
     }
 
     /// Queues a client request. On a dead link the request is handed back untouched.
-    pub async fn send_client(&self, req: ClientReq) -> Result<(), ClientReq> {
+    pub(crate) async fn send_client(&self, req: ClientReq) -> Result<(), ClientReq> {
         let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut inner = self.lock();
@@ -181,7 +217,7 @@ impl Link {
     }
 
     /// Client requests written or queued and not yet answered.
-    pub fn pending_client(&self) -> usize {
+    pub(crate) fn pending_client(&self) -> usize {
         self.lock()
             .pending
             .values()
@@ -190,19 +226,19 @@ impl Link {
     }
 
     /// Sends a body as is (a reply to a request the CLI made).
-    pub async fn send_raw(&self, body: Bytes) -> bool {
+    pub(crate) async fn send_raw(&self, body: Bytes) -> bool {
         self.tx.send(LinkMsg::Raw(body)).await.is_ok()
     }
 
     /// Sends a request the proxy originates and waits for the reply body.
-    pub async fn call(&self, method: &str, params: &Value) -> Result<Bytes, String> {
+    pub(crate) async fn call(&self, method: &str, params: &Value) -> Result<Bytes, String> {
         let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = rpc::request(pid, method, params);
         self.call_body(pid, Bytes::from(body)).await
     }
 
     /// Sends a client body under a proxy id (fan-out), waiting for the reply body.
-    pub async fn call_as_proxy(
+    pub(crate) async fn call_as_proxy(
         &self,
         client_body: &[u8],
         id_span: (usize, usize),
@@ -231,7 +267,7 @@ impl Link {
 
     /// Marks the link dead and settles everything it owed: queued requests that never reached
     /// the backend are handed back for re-routing; requests already written get an error.
-    fn die(&self, why: &LinkEnd, unsent: Vec<u64>, conn: &Arc<ClientConn>) {
+    fn die<O: LinkOwner>(&self, why: &LinkEnd, unsent: Vec<u64>, owner: &Arc<O>) {
         let reason = match why {
             LinkEnd::Closed => "link closed".to_string(),
             LinkEnd::Fenced => format!("backend {} was marked down", self.backend.name),
@@ -262,39 +298,30 @@ impl Link {
                 Pending::Client(req) => in_flight.push(req),
             }
         }
-        conn.link_died(self, why, &reason, unsent, in_flight);
+        owner.ended(self, why, &reason, unsent, in_flight);
     }
 }
 
-async fn run(
+async fn run<O: LinkOwner>(
     link: Arc<Link>,
     mut rx: mpsc::Receiver<LinkMsg>,
-    conn: Arc<ClientConn>,
+    owner: Arc<O>,
+    shared: Arc<Shared>,
     fence: CancellationToken,
 ) {
     let backend = link.backend.clone();
-    let shared = conn.shared.clone();
-    backend.links.fetch_add(1, Ordering::Relaxed);
-    let gauge = shared
-        .metrics
-        .backend_links
-        .get_or_create(&crate::metrics::BackendLabels {
-            backend: backend.name.clone(),
-        })
-        .clone();
-    gauge.inc();
+    backend.link_opened();
     let end = tokio::select! {
         biased;
         _ = fence.cancelled() => LinkEnd::Fenced,
-        end = session(&link, &mut rx, &conn) => end,
+        end = session(&link, &mut rx, &*owner, &shared) => end,
     };
     // The socket is gone (session() dropped it), unless a drain task waits for the backend's
     // close and releases it then; a resume held for it may go ahead.
     if !link.release_handed_off.load(Ordering::Acquire) {
         link.released.cancel();
     }
-    gauge.dec();
-    backend.links.fetch_sub(1, Ordering::Relaxed);
+    backend.link_closed();
     rx.close();
     let mut unsent = Vec::new();
     while let Ok(msg) = rx.try_recv() {
@@ -304,21 +331,21 @@ async fn run(
     }
     match &end {
         LinkEnd::ConnectFailed(e) | LinkEnd::Broken(e) => {
-            shared.health_passive_failure(&backend, e);
+            crate::health::passive_failure(&shared, &backend, e);
         }
         _ => {}
     }
-    debug!(conn = conn.id, backend = %backend.name, end = ?end, "link closed");
-    link.die(&end, unsent, &conn);
+    debug!(conn = owner.conn_id(), backend = %backend.name, end = ?end, "link closed");
+    link.die(&end, unsent, &owner);
 }
 
 /// Connects, handshakes, then pumps frames both ways until something ends it.
-async fn session(
+async fn session<O: LinkOwner>(
     link: &Arc<Link>,
     rx: &mut mpsc::Receiver<LinkMsg>,
-    conn: &Arc<ClientConn>,
+    owner: &O,
+    shared: &Arc<Shared>,
 ) -> LinkEnd {
-    let shared = &conn.shared;
     let cfg = shared.config();
     let backend = &link.backend;
     let open = async {
@@ -334,7 +361,7 @@ async fn session(
             }
         };
         let mut reader = FrameReader::new(r, shared.limits());
-        let telemetry = conn.telemetry();
+        let telemetry = owner.telemetry();
         match tokio::time::timeout(
             cfg.limits.handshake_timeout.0,
             backend.handshake(&mut reader, &mut w, telemetry),
@@ -356,7 +383,7 @@ async fn session(
             Err(end) => return end,
         },
     };
-    debug!(conn = conn.id, backend = %backend.name, "link up");
+    debug!(conn = owner.conn_id(), backend = %backend.name, "link up");
     let metrics = &shared.metrics;
     let link_w = link.clone();
     let shared_w = shared.clone();
@@ -380,22 +407,17 @@ async fn session(
                 Ok(Some(body)) => {
                     crate::runtime::activity();
                     metrics.frame("backend_in", body.len());
-                    on_backend_frame(link, conn, body).await;
+                    on_backend_frame(link, owner, body).await;
                 }
                 Ok(None) => return LinkEnd::Broken("backend closed the connection".into()),
                 Err(e) if e.recoverable() => {
-                    metrics
-                        .bad_frames
-                        .get_or_create(&crate::metrics::ReasonLabels {
-                            reason: "backend_oversize",
-                        })
-                        .inc();
+                    metrics.bad_frame("backend_oversize");
                     warn!(backend = %backend.name, error = %e, "oversized frame from backend discarded");
                     if let crate::codec::CodecError::FrameTooLarge {
                         len, limit, head, ..
                     } = e
                     {
-                        oversized_reply(link, conn, len, limit, &head).await;
+                        oversized_reply(link, owner, len, limit, &head).await;
                     }
                 }
                 Err(e) => return LinkEnd::Broken(e.to_string()),
@@ -437,9 +459,9 @@ const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A backend frame over the limit was skipped. If it was a reply, whoever waits for it gets an
 /// error instead of waiting forever.
-async fn oversized_reply(
+async fn oversized_reply<O: LinkOwner>(
     link: &Arc<Link>,
-    conn: &Arc<ClientConn>,
+    owner: &O,
     len: usize,
     limit: usize,
     head: &[u8],
@@ -455,19 +477,11 @@ async fn oversized_reply(
     let msg = format!("the backend's reply of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes) and was discarded");
     match pending {
         Some(Pending::Client(meta)) => {
-            conn.shared
-                .metrics
-                .request(crate::route::class_label(meta.route), "proxy_error");
-            let body = rpc::error(
-                meta.id.get(),
-                rpc::FRAME_TOO_LARGE,
-                &msg,
-                Some(rpc::data(
-                    false,
-                    serde_json::json!({"limit": limit, "length": len, "backend": link.backend.name}),
-                )),
+            let data = rpc::data(
+                false,
+                serde_json::json!({"limit": limit, "length": len, "backend": link.backend.name}),
             );
-            conn.send_to_client(Bytes::from(body)).await;
+            owner.refuse(meta, rpc::FRAME_TOO_LARGE, msg, data).await;
         }
         Some(Pending::Internal(tx)) => {
             let _ = tx.send(Err(msg));
@@ -476,7 +490,7 @@ async fn oversized_reply(
     }
 }
 
-async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes) {
+async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &O, body: Bytes) {
     let env = match envelope::parse(&body) {
         Ok(e) => e,
         Err(e) => {
@@ -488,9 +502,7 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
                     let head = r#"{"jsonrpc":"2.0","id":"#;
                     let out = format!(r#"{head}{},"error":{err}}}"#, meta.id.get());
                     let span = (head.len(), head.len() + meta.id.get().len());
-                    return conn
-                        .backend_reply(link, meta, out.as_bytes(), span, true)
-                        .await;
+                    return owner.reply(link, meta, out.as_bytes(), span, true).await;
                 }
             }
             warn!(backend = %link.backend.name, error = %e, "unroutable frame from backend dropped");
@@ -509,7 +521,7 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
                     let is_error = env.is_error;
                     let span = env.id_span.unwrap_or((0, 0));
                     drop(env);
-                    conn.backend_reply(link, meta, &body, span, is_error).await;
+                    owner.reply(link, meta, &body, span, is_error).await;
                 }
                 Some(Pending::Internal(tx)) => {
                     let _ = tx.send(Ok(body.clone()));
@@ -522,12 +534,7 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
         Kind::Notification => {
             let method = env.method.as_deref().unwrap_or("");
             let session = env.session_id.as_deref();
-            if conn.wants_notification(method, session) {
-                if let (Some(sid), "session.event") = (session, method) {
-                    conn.observe_event(sid, &body);
-                }
-                conn.send_to_client(body.clone()).await;
-            }
+            owner.notification(method, session, body.clone()).await;
         }
         Kind::Request => {
             let Some(span) = env.id_span else { return };
@@ -536,7 +543,7 @@ async fn on_backend_frame(link: &Arc<Link>, conn: &Arc<ClientConn>, body: Bytes)
             };
             let method = env.method.as_deref().unwrap_or("").to_string();
             drop(env);
-            conn.backend_request(link, id, span, &method, &body).await;
+            owner.cli_request(link, id, span, &method, &body).await;
         }
     }
 }

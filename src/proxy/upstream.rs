@@ -1,0 +1,256 @@
+//! A connection's links to backends: opening them, sending requests over them, and what a
+//! link reports back (replies, notifications, CLI requests, its end).
+
+use super::conn::ClientConn;
+use super::link::{Link, LinkEnd, LinkOwner};
+use super::request::ClientReq;
+use crate::backend::{Backend, State};
+use crate::envelope;
+use crate::route::Route;
+use crate::rpc;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard};
+use tracing::{debug, info};
+
+/// A connection's links and the CLI's requests waiting for this client's answer.
+#[derive(Default)]
+pub(crate) struct Upstream {
+    links: HashMap<String, Arc<Link>>,
+    /// Proxy id → (the link it came on, the CLI's own id).
+    server_reqs: HashMap<u64, (Arc<Link>, Box<RawValue>)>,
+    next_srv: u64,
+}
+
+impl Upstream {
+    /// Client requests written or queued on any link and not yet answered.
+    pub(super) fn pending_client(&self) -> usize {
+        self.links.values().map(|l| l.pending_client()).sum()
+    }
+
+    /// Whether the CLI waits for this client to answer something.
+    pub(super) fn awaits_client(&self) -> bool {
+        !self.server_reqs.is_empty()
+    }
+
+    /// Every link, emptied (the connection closes).
+    pub(super) fn drain(&mut self) -> Vec<Arc<Link>> {
+        self.server_reqs.clear();
+        self.links.drain().map(|(_, l)| l).collect()
+    }
+
+    /// Forgets a link that ended (if it is still the current one) and what the CLI asked
+    /// through it.
+    fn link_ended(&mut self, link: &Link) {
+        if self
+            .links
+            .get(&link.backend.name)
+            .is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), link))
+        {
+            self.links.remove(&link.backend.name);
+        }
+        self.server_reqs
+            .retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
+    }
+}
+
+impl ClientConn {
+    pub(super) fn upstream(&self) -> MutexGuard<'_, Upstream> {
+        self.upstream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client's link to `backend`, opened on first use.
+    pub(super) fn link(self: &Arc<Self>, backend: &Arc<Backend>) -> Arc<Link> {
+        let mut up = self.upstream();
+        if let Some(l) = up.links.get(&backend.name) {
+            if !l.is_dead() && Arc::ptr_eq(&l.backend, backend) {
+                return l.clone();
+            }
+        }
+        let l = Link::spawn(
+            self.clone(),
+            self.shared.clone(),
+            &self.cancel,
+            backend.clone(),
+        );
+        up.links.insert(backend.name.clone(), l.clone());
+        l
+    }
+
+    /// Sends a request over this client's link to `backend`. A request the backend cannot
+    /// take (it is down, or its link died before the request was written) comes back for the
+    /// caller to re-route.
+    pub(super) async fn forward(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        req: ClientReq,
+    ) -> Result<(), ClientReq> {
+        if backend.state() == State::Down {
+            return Err(req);
+        }
+        let link = self.link(backend);
+        match link.send_client(req).await {
+            Ok(()) => Ok(()),
+            // The link died between lookup and send; one fresh link.
+            Err(req) => self.link(backend).send_client(req).await,
+        }
+    }
+
+    /// A read-only process-wide call: any serving backend, in this connection's own
+    /// rendezvous order.
+    pub(super) async fn global(self: &Arc<Self>, req: ClientReq) {
+        match self.shared.pool.first_serving(&format!("conn-{}", self.id)) {
+            Some(b) => self.send(b, req).await,
+            None => self.no_backend(req).await,
+        }
+    }
+
+    /// The client answered a request the CLI made.
+    pub(super) async fn client_reply(&self, id: Option<u64>, span: (usize, usize), body: Bytes) {
+        let target = id.and_then(|n| self.upstream().server_reqs.remove(&n));
+        match target {
+            Some((link, orig)) => {
+                let fixed = envelope::splice(&body, span, orig.get().as_bytes());
+                if !link.send_raw(Bytes::from(fixed)).await {
+                    debug!(
+                        conn = self.id,
+                        "reply to a CLI request arrived after its link closed"
+                    );
+                }
+            }
+            None => {
+                // Debug, not warn: a misbehaving client must not be able to flood logs.
+                self.shared.metrics.bad_frame("unknown_response");
+                debug!(
+                    conn = self.id,
+                    "client sent a response to an unknown request id; dropped"
+                );
+            }
+        }
+    }
+}
+
+impl LinkOwner for ClientConn {
+    fn conn_id(&self) -> u64 {
+        self.id
+    }
+
+    fn telemetry(&self) -> bool {
+        ClientConn::telemetry(self)
+    }
+
+    async fn reply(
+        &self,
+        link: &Arc<Link>,
+        meta: ClientReq,
+        body: &[u8],
+        span: (usize, usize),
+        is_error: bool,
+    ) {
+        let out = envelope::splice(body, span, meta.id.get().as_bytes());
+        if let Some(sid) = &meta.session {
+            match meta.route {
+                Route::Create if is_error => self.forget_failed_create(sid),
+                Route::Resume if is_error => self.unjoin(sid),
+                Route::Create => {
+                    info!(conn = self.id, session = %sid, backend = %link.backend.name, "session created")
+                }
+                Route::Delete if !is_error => {
+                    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                    if v.pointer("/result/success").and_then(Value::as_bool) == Some(true) {
+                        self.unjoin(sid);
+                        self.shared.sessions.remove(sid, &self.shared.pool);
+                        info!(conn = self.id, session = %sid, "session deleted");
+                    }
+                }
+                _ => {}
+            }
+        }
+        let result = if is_error { "error" } else { "ok" };
+        self.shared
+            .metrics
+            .reply(meta.class(), result, meta.started);
+        self.send_to_client(Bytes::from(out)).await;
+    }
+
+    async fn refuse(&self, req: ClientReq, code: i64, message: String, data: Value) {
+        self.fail(&req, code, &message, data).await;
+    }
+
+    async fn notification(&self, method: &str, session: Option<&str>, body: Bytes) {
+        if self.admit_notification(method, session, &body) {
+            self.send_to_client(body).await;
+        }
+    }
+
+    async fn cli_request(
+        &self,
+        link: &Arc<Link>,
+        id: Box<RawValue>,
+        span: (usize, usize),
+        method: &str,
+        body: &[u8],
+    ) {
+        // The id becomes a proxy-allocated non-negative integer, mapped back when the client
+        // answers: ids from several backends can never collide on the client.
+        let n = {
+            let mut up = self.upstream();
+            up.next_srv += 1;
+            let n = up.next_srv;
+            up.server_reqs.insert(n, (link.clone(), id));
+            n
+        };
+        debug!(conn = self.id, backend = %link.backend.name, method, "CLI request forwarded to client");
+        let out = envelope::splice(body, span, n.to_string().as_bytes());
+        self.send_to_client(Bytes::from(out)).await;
+    }
+
+    fn ended(
+        self: &Arc<Self>,
+        link: &Link,
+        why: &LinkEnd,
+        reason: &str,
+        unsent: Vec<ClientReq>,
+        in_flight: Vec<ClientReq>,
+    ) {
+        self.upstream().link_ended(link);
+        let established = matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced);
+        if established {
+            self.members().link_lost(&link.backend.name);
+        }
+        if matches!(why, LinkEnd::Closed) || self.cancel.is_cancelled() {
+            return;
+        }
+        let me = self.clone();
+        let backend = link.backend.clone();
+        let reason = reason.to_string();
+        self.spawn_for_request(async move {
+            if established {
+                // A refused reconnect sent nothing; only a link that carried turns loses them.
+                me.turns_lost(&backend.name, &reason).await;
+            }
+            for meta in in_flight {
+                if meta.route == Route::Create && meta.fresh {
+                    // It may never have run: a retry must be free to place it elsewhere.
+                    if let Some(sid) = &meta.session {
+                        me.forget_failed_create(sid);
+                    }
+                }
+                let m = format!(
+                    "{} was in flight when {reason}; it may not have completed and may be retried",
+                    meta.method
+                );
+                let data = rpc::data(
+                    true,
+                    json!({"backend": backend.name, "sessionId": meta.session}),
+                );
+                me.fail(&meta, rpc::BACKEND_UNAVAILABLE, &m, data).await;
+            }
+            for req in unsent {
+                me.reroute(req, &backend).await;
+            }
+        });
+    }
+}
