@@ -348,7 +348,7 @@ impl Backend {
         ),
         String,
     > {
-        let (r, mut w) = crate::tls::dial(&self.address, self.tls.as_deref())
+        let (r, mut w) = crate::tls::dial(&self.address, self.tls.as_deref(), None)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let mut reader = crate::codec::FrameReader::new(r, Default::default());

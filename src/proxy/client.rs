@@ -1108,7 +1108,7 @@ impl ClientConn {
                 .fail(
                     &req,
                     rpc::SESSION_ID_NOT_ALLOWED,
-                    &why,
+                    &why.to_string(),
                     rpc::data(false, json!({"sessionId": sid})),
                 )
                 .await;

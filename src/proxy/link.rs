@@ -322,17 +322,12 @@ async fn session(
     let cfg = shared.config();
     let backend = &link.backend;
     let open = async {
-        let dial = crate::tls::dial(&backend.address, backend.tls.as_deref());
-        let (r, mut w) = match tokio::time::timeout(cfg.limits.connect_timeout.0, dial).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(LinkEnd::ConnectFailed(e)),
-            Err(_) => {
-                return Err(LinkEnd::ConnectFailed(format!(
-                    "connect timed out after {:?}",
-                    cfg.limits.connect_timeout.0
-                )))
-            }
-        };
+        let timeout = Some(cfg.limits.connect_timeout.0);
+        let (r, mut w) =
+            match crate::tls::dial(&backend.address, backend.tls.as_deref(), timeout).await {
+                Ok(s) => s,
+                Err(e) => return Err(LinkEnd::ConnectFailed(e.to_string())),
+            };
         let mut reader = FrameReader::new(r, shared.limits());
         let telemetry = conn.telemetry();
         match tokio::time::timeout(

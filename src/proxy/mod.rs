@@ -434,7 +434,7 @@ pub async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
                 continue;
             }
             if let Err(e) = store.still_valid(&t.chain) {
-                c.revoke(e);
+                c.revoke(e.to_string());
             }
         }
     }
