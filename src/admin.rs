@@ -125,13 +125,7 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Fu
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let same = !want.is_empty()
-        && want.len() == got.len()
-        && want
-            .bytes()
-            .zip(got.bytes())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0;
+    let same = !want.is_empty() && crate::auth::constant_eq(want.as_bytes(), got.as_bytes());
     if same {
         Ok(())
     } else {
@@ -178,7 +172,7 @@ async fn delete(shared: &Shared, sid: &str) -> Response<Full<Bytes>> {
         ),
         Err(e) => json_resp(
             StatusCode::BAD_GATEWAY,
-            json!({"deleted": false, "error": e}),
+            json!({"deleted": false, "error": e.to_string()}),
         ),
     }
 }

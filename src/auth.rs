@@ -2,6 +2,19 @@
 
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// A tenant asked to create a session id outside its `session_patterns`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("session id {sid:?} is not allowed for tenant {tenant} (allowed: {})", .allowed.join(", "))]
+pub struct SessionIdNotAllowed {
+    /// The refused id.
+    pub sid: String,
+    /// The tenant's name.
+    pub tenant: String,
+    /// Its patterns.
+    pub allowed: Vec<String>,
+}
 
 /// A tenant: an owner of sessions.
 #[derive(Debug)]
@@ -39,15 +52,15 @@ impl Tenant {
     }
 
     /// Whether this tenant may create a session with this id.
-    pub fn may_create(&self, sid: &str) -> Result<(), String> {
+    pub fn may_create(&self, sid: &str) -> Result<(), SessionIdNotAllowed> {
         if self.may_claim(sid) {
             Ok(())
         } else {
-            Err(format!(
-                "session id {sid:?} is not allowed for tenant {} (allowed: {})",
-                self.name,
-                self.session_patterns.join(", ")
-            ))
+            Err(SessionIdNotAllowed {
+                sid: sid.to_string(),
+                tenant: self.name.clone(),
+                allowed: self.session_patterns.clone(),
+            })
         }
     }
 
@@ -190,8 +203,10 @@ pub fn hash_token(token: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares secrets (token hashes, the admin token) in time that does not depend on where
+/// they differ, so response timing does not leak a prefix. Lengths are not secret.
+pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
 }
 
 /// `*` matches any run of characters; everything else is literal.
@@ -280,6 +295,28 @@ mod tests {
         );
         assert_eq!(a.authenticate(Some("wrong"), None).unwrap_err().0, -32002);
         assert_eq!(a.authenticate(None, None).unwrap_err().0, -32002);
+    }
+
+    #[test]
+    fn constant_eq_compares_whole_slices() {
+        assert!(constant_eq(b"sha256:ab", b"sha256:ab"));
+        assert!(!constant_eq(b"sha256:ab", b"sha256:ac"));
+        assert!(!constant_eq(b"sha256:ab", b"sha256:a"));
+        assert!(constant_eq(b"", b""));
+    }
+
+    #[test]
+    fn a_refused_session_id_names_tenant_and_patterns() {
+        let mut t = Tenant::open();
+        t.name = "acme".into();
+        t.session_patterns = vec!["acme-*".into(), "shared-*".into()];
+        assert!(t.may_create("acme-1").is_ok());
+        let e = t.may_create("other-1").unwrap_err();
+        assert_eq!(e.sid, "other-1");
+        assert_eq!(
+            e.to_string(),
+            "session id \"other-1\" is not allowed for tenant acme (allowed: acme-*, shared-*)"
+        );
     }
 
     #[test]

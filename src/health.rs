@@ -2,7 +2,7 @@
 //! connection, plus passive signals from live traffic, with rise/fall thresholds so a single
 //! failed probe never moves a session.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CallError};
 use crate::config::HealthConfig;
 use crate::context::Shared;
 use rand::Rng;
@@ -29,16 +29,17 @@ pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool
     true
 }
 
-/// A failure seen on live traffic (refused, reset, timeout): counts toward `fall`, and asks
-/// for one early probe to confirm (ignored unless the backend was healthy).
-pub fn passive_failure(shared: &Shared, b: &Arc<Backend>, error: &str) {
-    shared.metrics.passive_failure(&b.name);
-    record(shared, b, false, &format!("passive: {error}"));
+/// A failure seen on live traffic (refused, reset, timeout, …): counts toward `fall`, and
+/// asks for one early probe to confirm (ignored unless the backend was healthy).
+pub fn passive_failure(shared: &Shared, b: &Arc<Backend>, error: &CallError) {
+    let kind = error.kind().as_str();
+    shared.metrics.passive_failure(&b.name, kind);
+    record(shared, b, false, &format!("passive {kind}: {error}"));
     b.probe_soon();
 }
 
 /// One active probe: TCP (or TLS) connect, `connect` with the backend's token, `ping`.
-pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
+pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, CallError> {
     let start = Instant::now();
     let run = async {
         let (mut reader, mut w) = b.open().await?;
@@ -51,14 +52,17 @@ pub async fn probe(b: &Backend, timeout: Duration) -> Result<Duration, String> {
         )
         .await?;
         match v.get("error") {
-            Some(err) => Err(format!("ping failed: {err}")),
+            Some(err) => Err(CallError::Ping(err.to_string())),
             None => Ok(()),
         }
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Err(_) => Err(CallError::Timeout {
+            what: "the probe",
+            after: timeout,
+        }),
     }
 }
 
@@ -126,7 +130,7 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
                 );
             }
             Err(e) => {
-                record(&shared, &b, false, &e);
+                record(&shared, &b, false, &format!("{}: {e}", e.kind().as_str()));
             }
         }
         let phase = Phase::of(&b, cfg.health.fall);

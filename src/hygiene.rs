@@ -2,7 +2,7 @@
 //! delete old ones, because the CLI keeps every session on local disk. copilot-lb can do it per
 //! tenant (`max_session_age`, `max_idle`; off by default), and the admin API deletes on demand.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CallError};
 use crate::context::Shared;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -15,34 +15,68 @@ pub async fn call_once(
     method: &str,
     params: &Value,
     timeout: Duration,
-) -> Result<Value, String> {
+) -> Result<Value, CallError> {
     let run = async {
         let (mut reader, mut w) = b.open().await?;
         crate::backend::request(&mut reader, &mut w, 1, method, params).await
     };
     tokio::time::timeout(timeout, run)
         .await
-        .map_err(|_| format!("{method} timed out after {timeout:?}"))?
+        .map_err(|_| CallError::Timeout {
+            what: "the request",
+            after: timeout,
+        })?
+}
+
+/// Why the proxy could not delete a session.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// The session's backend was removed from the config.
+    #[error("backend {0} is no longer configured")]
+    Unconfigured(String),
+    /// The backend could not be asked.
+    #[error("backend {backend}: {source}")]
+    Call {
+        /// Backend name.
+        backend: String,
+        /// Cause.
+        source: CallError,
+    },
+    /// The backend answered with an error.
+    #[error("backend {backend} refused: {error}")]
+    Refused {
+        /// Backend name.
+        backend: String,
+        /// Its error, as JSON.
+        error: String,
+    },
 }
 
 /// Deletes a session on its backend and forgets it. `Ok(false)` if the proxy does not know it.
-pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<bool, String> {
+pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<bool, DeleteError> {
     let Some(p) = shared.sessions.get(sid) else {
         return Ok(false);
     };
     let b = shared
         .pool
         .get(&p.backend)
-        .ok_or_else(|| format!("backend {} is no longer configured", p.backend))?;
+        .ok_or_else(|| DeleteError::Unconfigured(p.backend.clone()))?;
     let v = call_once(
         &b,
         "session.delete",
         &json!({ "sessionId": sid }),
         Duration::from_secs(10),
     )
-    .await?;
+    .await
+    .map_err(|source| DeleteError::Call {
+        backend: b.name.clone(),
+        source,
+    })?;
     if let Some(err) = v.get("error") {
-        return Err(format!("backend {} refused: {err}", b.name));
+        return Err(DeleteError::Refused {
+            backend: b.name.clone(),
+            error: err.to_string(),
+        });
     }
     shared.sessions.remove(sid, &shared.pool);
     shared.metrics.session_deleted(match reason {

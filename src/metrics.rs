@@ -34,6 +34,15 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+/// Passive failure labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Backend name.
+    pub backend: String,
+    /// refused, reset, timeout, tls, self_connect, closed, protocol, io.
+    pub kind: &'static str,
+}
+
 /// Direction labels for byte counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
@@ -93,7 +102,7 @@ pub struct Metrics {
     /// Health probe failures.
     probe_failures: Family<BackendLabels, Counter>,
     /// Passive failures seen on live traffic.
-    passive_failures: Family<BackendLabels, Counter>,
+    passive_failures: Family<FailureLabels, Counter>,
     /// Sessions deleted by copilot-lb (hygiene limits or admin API), by reason.
     sessions_reaped: Family<ReasonLabels, Counter>,
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
@@ -288,9 +297,14 @@ impl Metrics {
         self.failover_failures.get_or_create(&backend(from)).inc();
     }
 
-    /// Counts a failure seen on live traffic.
-    pub fn passive_failure(&self, b: &str) {
-        self.passive_failures.get_or_create(&backend(b)).inc();
+    /// Counts a failure seen on live traffic, by kind (refused, reset, timeout, …).
+    pub fn passive_failure(&self, b: &str, kind: &'static str) {
+        self.passive_failures
+            .get_or_create(&FailureLabels {
+                backend: b.to_string(),
+                kind,
+            })
+            .inc();
     }
 
     /// Records one active probe.

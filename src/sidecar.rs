@@ -76,16 +76,14 @@ impl Sidecar {
     async fn forward(&self, shared: &Shared, client: TcpStream) {
         crate::wire::tune(&client);
         let timeout = shared.config().limits.connect_timeout.0;
-        let up = match tokio::time::timeout(timeout, tls::dial(&self.upstream, self.tls.as_deref()))
-            .await
-        {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
-                warn!(upstream = %self.upstream, error = %e, "cannot reach the edge; closing the client connection");
+        let up = match tls::dial(&self.upstream, self.tls.as_deref(), Some(timeout)).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == tls::DialErrorKind::Timeout => {
+                warn!(upstream = %self.upstream, error = %e, "connecting to the edge timed out; closing the client connection");
                 return;
             }
-            Err(_) => {
-                warn!(upstream = %self.upstream, "connecting to the edge timed out; closing the client connection");
+            Err(e) => {
+                warn!(upstream = %self.upstream, error = %e, "cannot reach the edge; closing the client connection");
                 return;
             }
         };

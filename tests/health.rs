@@ -78,8 +78,9 @@ async fn live_traffic_failures_trigger_at_most_one_early_probe() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let n0 = b.consecutive_failures();
         // A storm of passive failures from live traffic.
+        let refused = copilot_lb::backend::CallError::Closed;
         for _ in 0..10_000 {
-            copilot_lb::health::passive_failure(&run.shared, &b, "refused");
+            copilot_lb::health::passive_failure(&run.shared, &b, &refused);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let active = b.consecutive_failures() - n0 - 10_000;

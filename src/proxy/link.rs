@@ -8,7 +8,7 @@
 //! knows nothing else of it.
 
 use super::request::ClientReq;
-use crate::backend::Backend;
+use crate::backend::{Backend, CallError};
 use crate::codec::FrameReader;
 use crate::context::Shared;
 use crate::envelope::{self, Kind};
@@ -120,16 +120,16 @@ impl std::fmt::Debug for Link {
 }
 
 /// How a link ended, for passive health and for deciding what to tell the client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum LinkEnd {
     /// The client went away or the proxy closed the link on purpose.
     Closed,
     /// The backend was fenced (marked down).
     Fenced,
     /// Connecting or handshaking failed (nothing was sent).
-    ConnectFailed(String),
+    ConnectFailed(CallError),
     /// An established link broke.
-    Broken(String),
+    Broken(CallError),
 }
 
 impl Link {
@@ -349,17 +349,12 @@ async fn session<O: LinkOwner>(
     let cfg = shared.config();
     let backend = &link.backend;
     let open = async {
-        let dial = crate::tls::dial(&backend.address, backend.tls.as_deref());
-        let (r, mut w) = match tokio::time::timeout(cfg.limits.connect_timeout.0, dial).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(LinkEnd::ConnectFailed(e)),
-            Err(_) => {
-                return Err(LinkEnd::ConnectFailed(format!(
-                    "connect timed out after {:?}",
-                    cfg.limits.connect_timeout.0
-                )))
-            }
-        };
+        let timeout = Some(cfg.limits.connect_timeout.0);
+        let (r, mut w) =
+            match crate::tls::dial(&backend.address, backend.tls.as_deref(), timeout).await {
+                Ok(s) => s,
+                Err(e) => return Err(LinkEnd::ConnectFailed(e.into())),
+            };
         let mut reader = FrameReader::new(r, shared.limits());
         let telemetry = owner.telemetry();
         match tokio::time::timeout(
@@ -370,9 +365,10 @@ async fn session<O: LinkOwner>(
         {
             Ok(Ok(())) => Ok((reader, w)),
             Ok(Err(e)) => Err(LinkEnd::ConnectFailed(e)),
-            Err(_) => Err(LinkEnd::ConnectFailed(
-                "backend did not answer connect in time".into(),
-            )),
+            Err(_) => Err(LinkEnd::ConnectFailed(CallError::Timeout {
+                what: "the backend's answer to connect",
+                after: cfg.limits.handshake_timeout.0,
+            })),
         }
     };
     let (mut reader, w) = tokio::select! {
@@ -409,7 +405,7 @@ async fn session<O: LinkOwner>(
                     metrics.frame("backend_in", body.len());
                     on_backend_frame(link, owner, body).await;
                 }
-                Ok(None) => return LinkEnd::Broken("backend closed the connection".into()),
+                Ok(None) => return LinkEnd::Broken(CallError::Closed),
                 Err(e) if e.recoverable() => {
                     metrics.bad_frame("backend_oversize");
                     warn!(backend = %backend.name, error = %e, "oversized frame from backend discarded");
@@ -420,7 +416,7 @@ async fn session<O: LinkOwner>(
                         oversized_reply(link, owner, len, limit, &head).await;
                     }
                 }
-                Err(e) => return LinkEnd::Broken(e.to_string()),
+                Err(e) => return LinkEnd::Broken(CallError::Read(e)),
             }
         }
     };
@@ -432,7 +428,7 @@ async fn session<O: LinkOwner>(
         end = read_loop => end,
         res = writer => match res {
             Ok(()) => LinkEnd::Closed,
-            Err(e) => LinkEnd::Broken(e.to_string()),
+            Err(e) => LinkEnd::Broken(CallError::Write(e)),
         },
     };
     if matches!(end, LinkEnd::Closed) {

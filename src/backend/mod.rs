@@ -1,10 +1,16 @@
-//! The backend pool: each CLI server's address, token, health state and live-session count.
+//! A backend: one CLI server's address, token, health state (the rise/fall rule as a pure
+//! function, [`observe_health`]) and live-session count; the pool of them; talking to one.
 
-use crate::balance::{self, Candidate};
+mod call;
+mod pool;
+
+pub use call::{request, CallError, FailureKind};
+pub use pool::Pool;
+
 use crate::config::{BackendConfig, Config};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -352,6 +358,10 @@ impl Backend {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
+    fn set_version(&self, v: &str) {
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(v.to_string());
+    }
+
     /// The CLI version it last reported.
     pub fn version(&self) -> Option<String> {
         self.version
@@ -410,208 +420,52 @@ impl Backend {
     }
 }
 
-/// The set of backends, swapped whole on reload.
-#[derive(Debug, Default)]
-pub struct Pool {
-    inner: RwLock<Arc<Vec<Arc<Backend>>>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Pool {
-    /// Builds the pool from config.
-    pub fn new(cfg: &Config) -> Result<Pool, BackendError> {
-        let list = cfg
-            .backends
-            .iter()
-            .map(|b| Backend::from_config(b).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Pool {
-            inner: RwLock::new(Arc::new(list)),
-        })
-    }
-
-    /// A snapshot of the current backends.
-    pub fn all(&self) -> Arc<Vec<Arc<Backend>>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Finds a backend by name.
-    pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
-        self.all().iter().find(|b| b.name == name).cloned()
-    }
-
-    /// Every backend in `key`'s rendezvous order (weighted HRW): a session's ranking.
-    pub fn ranked(&self, key: &str) -> Vec<Arc<Backend>> {
-        let all = self.all();
-        balance::rank(key, all.iter().map(|b| (b.name.as_str(), b.weight)))
-            .into_iter()
-            .map(|i| all[i].clone())
+    /// Feeds a sequence of results through the rule; returns the verdict after each.
+    fn run(healthy: bool, rise: u32, fall: u32, seq: &[bool]) -> Vec<bool> {
+        let (mut up, mut streak) = (healthy, Streak::default());
+        seq.iter()
+            .map(|&ok| {
+                let (s, change) = observe_health(up, streak, ok, rise, fall);
+                streak = s;
+                if let Some(v) = change {
+                    up = v;
+                }
+                up
+            })
             .collect()
     }
 
-    /// The first backend in `key`'s ranking that serves: up preferred, then draining.
-    pub fn first_serving(&self, key: &str) -> Option<Arc<Backend>> {
-        let ranked = self.ranked(key);
-        let up = ranked.iter().find(|b| b.state() == State::Up);
-        up.or_else(|| ranked.iter().find(|b| b.state() != State::Down))
-            .cloned()
+    #[test]
+    fn one_failure_never_takes_a_backend_down() {
+        assert_eq!(
+            run(true, 2, 3, &[false, false, true, false, false, false]),
+            [true, true, true, true, true, false]
+        );
+        // fall 1: the first failure is the verdict.
+        assert_eq!(run(true, 2, 1, &[false]), [false]);
     }
 
-    /// Chooses a backend for a new session: bounded-load HRW over the up backends `allowed`
-    /// and not in `exclude`.
-    pub fn place(
-        &self,
-        sid: &str,
-        allowed: impl Fn(&str) -> bool,
-        exclude: &[String],
-        bounded_load: f64,
-    ) -> Option<Arc<Backend>> {
-        let all = self.all();
-        let cands: Vec<Candidate> = all
-            .iter()
-            .map(|b| Candidate {
-                name: &b.name,
-                weight: b.weight,
-                eligible: b.state() == State::Up && allowed(&b.name) && !exclude.contains(&b.name),
-                live: b.live_sessions(),
-                max_sessions: b.max_sessions,
-            })
-            .collect();
-        balance::place(sid, &cands, bounded_load)
-            .ok()
-            .map(|i| all[i].clone())
+    #[test]
+    fn a_down_backend_needs_rise_successes_in_a_row() {
+        assert_eq!(
+            run(false, 2, 3, &[true, false, true, true, true]),
+            [false, false, false, true, true]
+        );
     }
 
-    /// Replaces the backend list, keeping runtime state of backends whose name and address
-    /// are unchanged. Returns (added, removed) names.
-    pub fn replace(&self, cfg: &Config) -> Result<(Vec<String>, Vec<String>), BackendError> {
-        let old = self.all();
-        let mut next = Vec::new();
-        let mut added = Vec::new();
-        for b in &cfg.backends {
-            let keep = old.iter().find(|o| {
-                o.name == b.name()
-                    && o.address == b.address.value
-                    && o.weight == b.weight
-                    && o.max_sessions == b.max_sessions
-                    && o.token.as_deref() == Config::backend_token(b).ok().flatten().as_deref()
-            });
-            match keep {
-                Some(o) => {
-                    // The file's drain flag applies when it changes, so a reload does not undo
-                    // a drain an operator started through the admin API.
-                    if o.config_drain.swap(b.drain, Ordering::AcqRel) != b.drain {
-                        o.set_draining(b.drain);
-                    }
-                    next.push(o.clone())
-                }
-                None => {
-                    let nb = Backend::from_config(b)?;
-                    if let Some(o) = old.iter().find(|o| o.name == b.name()) {
-                        // Same name, new settings: carry the counters so accounting stays right.
-                        nb.live_sessions.store(o.live_sessions(), Ordering::Relaxed);
-                        nb.set_draining(o.draining());
-                        o.fence();
-                    } else {
-                        added.push(nb.name.clone());
-                    }
-                    next.push(Arc::new(nb));
-                }
-            }
-        }
-        let removed: Vec<String> = old
-            .iter()
-            .filter(|o| !cfg.backends.iter().any(|b| b.name() == o.name))
-            .map(|o| {
-                // Its links close, so the CLI releases its sessions before they move.
-                o.fence();
-                o.name.clone()
-            })
-            .collect();
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        Ok((added, removed))
-    }
-}
-
-/// Sends one request on a connection of the proxy's own and waits for the reply with that id,
-/// skipping anything else the backend sends meanwhile.
-pub async fn request(
-    reader: &mut crate::codec::FrameReader<crate::tls::BoxRead>,
-    w: &mut crate::tls::BoxWrite,
-    id: u64,
-    method: &str,
-    params: &serde_json::Value,
-) -> Result<serde_json::Value, String> {
-    use tokio::io::AsyncWriteExt;
-    let frame = crate::codec::encode_frame(&crate::rpc::request(id, method, params));
-    w.write_all(&frame)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    // A TLS stream may hold the records until flushed.
-    w.flush().await.map_err(|e| format!("write: {e}"))?;
-    loop {
-        let f = reader
-            .read_frame()
-            .await
-            .map_err(|e| format!("read: {e}"))?
-            .ok_or("backend closed the connection")?;
-        let Ok(env) = crate::envelope::parse(&f) else {
-            continue;
+    #[test]
+    fn a_verdict_is_reported_once_and_counters_saturate() {
+        let s = Streak {
+            oks: 0,
+            fails: u32::MAX,
         };
-        if env.kind == crate::envelope::Kind::Response && env.id_u64() == Some(id) {
-            return serde_json::from_slice(&f).map_err(|e| e.to_string());
-        }
-    }
-}
-
-impl Backend {
-    /// The proxy's own `connect` on a fresh connection, with this backend's token (never a
-    /// client's). It must complete before anything else: a CLI with a token answers earlier
-    /// requests with AUTHENTICATION_REQUIRED, and it serves requests concurrently.
-    pub async fn handshake(
-        &self,
-        reader: &mut crate::codec::FrameReader<crate::tls::BoxRead>,
-        w: &mut crate::tls::BoxWrite,
-        telemetry: bool,
-    ) -> Result<(), String> {
-        use serde_json::Value;
-        let mut params = serde_json::Map::new();
-        if let Some(t) = self.token() {
-            params.insert("token".into(), Value::String(t.to_string()));
-        }
-        if telemetry {
-            params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));
-        }
-        let v = request(reader, w, 0, "connect", &Value::Object(params)).await?;
-        if let Some(err) = v.get("error") {
-            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-            if code == crate::rpc::METHOD_NOT_FOUND {
-                // A legacy CLI without `connect`: accepted, as the SDKs do.
-                return Ok(());
-            }
-            let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
-            return Err(format!("backend refused the proxy's connect: {code} {msg}"));
-        }
-        if let Some(ver) = v.pointer("/result/version").and_then(Value::as_str) {
-            *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(ver.to_string());
-        }
-        Ok(())
-    }
-
-    /// Dials this backend (TLS if configured) and performs the proxy's `connect`.
-    pub async fn open(
-        &self,
-    ) -> Result<
-        (
-            crate::codec::FrameReader<crate::tls::BoxRead>,
-            crate::tls::BoxWrite,
-        ),
-        String,
-    > {
-        let (r, mut w) = crate::tls::dial(&self.address, self.tls.as_deref())
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut reader = crate::codec::FrameReader::new(r, Default::default());
-        self.handshake(&mut reader, &mut w, false).await?;
-        Ok((reader, w))
+        assert_eq!(observe_health(true, s, false, 2, 3).1, Some(false));
+        assert_eq!(observe_health(false, s, false, 2, 3), (s, None));
+        let up = Streak { oks: 5, fails: 0 };
+        assert_eq!(observe_health(true, up, true, 2, 3).1, None);
     }
 }

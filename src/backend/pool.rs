@@ -1,0 +1,129 @@
+//! The set of backends, swapped whole on reload, and the rankings and placement over it.
+
+use super::{Backend, BackendError, State};
+use crate::balance::{self, Candidate};
+use crate::config::Config;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+/// The set of backends, swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct Pool {
+    inner: RwLock<Arc<Vec<Arc<Backend>>>>,
+}
+
+impl Pool {
+    /// Builds the pool from config.
+    pub fn new(cfg: &Config) -> Result<Pool, BackendError> {
+        let list = cfg
+            .backends
+            .iter()
+            .map(|b| Backend::from_config(b).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pool {
+            inner: RwLock::new(Arc::new(list)),
+        })
+    }
+
+    /// A snapshot of the current backends.
+    pub fn all(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Finds a backend by name.
+    pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
+        self.all().iter().find(|b| b.name == name).cloned()
+    }
+
+    /// Every backend in `key`'s rendezvous order (weighted HRW): a session's ranking.
+    pub fn ranked(&self, key: &str) -> Vec<Arc<Backend>> {
+        let all = self.all();
+        balance::rank(key, all.iter().map(|b| (b.name.as_str(), b.weight)))
+            .into_iter()
+            .map(|i| all[i].clone())
+            .collect()
+    }
+
+    /// The first backend in `key`'s ranking that serves: up preferred, then draining.
+    pub fn first_serving(&self, key: &str) -> Option<Arc<Backend>> {
+        let ranked = self.ranked(key);
+        let up = ranked.iter().find(|b| b.state() == State::Up);
+        up.or_else(|| ranked.iter().find(|b| b.state() != State::Down))
+            .cloned()
+    }
+
+    /// Chooses a backend for a new session: bounded-load HRW over the up backends `allowed`
+    /// and not in `exclude`.
+    pub fn place(
+        &self,
+        sid: &str,
+        allowed: impl Fn(&str) -> bool,
+        exclude: &[String],
+        bounded_load: f64,
+    ) -> Option<Arc<Backend>> {
+        let all = self.all();
+        let cands: Vec<Candidate> = all
+            .iter()
+            .map(|b| Candidate {
+                name: &b.name,
+                weight: b.weight,
+                eligible: b.state() == State::Up && allowed(&b.name) && !exclude.contains(&b.name),
+                live: b.live_sessions(),
+                max_sessions: b.max_sessions,
+            })
+            .collect();
+        balance::place(sid, &cands, bounded_load)
+            .ok()
+            .map(|i| all[i].clone())
+    }
+
+    /// Replaces the backend list, keeping runtime state of backends whose name and address
+    /// are unchanged. Returns (added, removed) names.
+    pub fn replace(&self, cfg: &Config) -> Result<(Vec<String>, Vec<String>), BackendError> {
+        let old = self.all();
+        let mut next = Vec::new();
+        let mut added = Vec::new();
+        for b in &cfg.backends {
+            let keep = old.iter().find(|o| {
+                o.name == b.name()
+                    && o.address == b.address.value
+                    && o.weight == b.weight
+                    && o.max_sessions == b.max_sessions
+                    && o.token.as_deref() == Config::backend_token(b).ok().flatten().as_deref()
+            });
+            match keep {
+                Some(o) => {
+                    // The file's drain flag applies when it changes, so a reload does not undo
+                    // a drain an operator started through the admin API.
+                    if o.config_drain.swap(b.drain, Ordering::AcqRel) != b.drain {
+                        o.set_draining(b.drain);
+                    }
+                    next.push(o.clone())
+                }
+                None => {
+                    let nb = Backend::from_config(b)?;
+                    if let Some(o) = old.iter().find(|o| o.name == b.name()) {
+                        // Same name, new settings: carry the counters so accounting stays right.
+                        nb.live_sessions.store(o.live_sessions(), Ordering::Relaxed);
+                        nb.set_draining(o.draining());
+                        o.fence();
+                    } else {
+                        added.push(nb.name.clone());
+                    }
+                    next.push(Arc::new(nb));
+                }
+            }
+        }
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|o| !cfg.backends.iter().any(|b| b.name() == o.name))
+            .map(|o| {
+                // Its links close, so the CLI releases its sessions before they move.
+                o.fence();
+                o.name.clone()
+            })
+            .collect();
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok((added, removed))
+    }
+}
