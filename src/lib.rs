@@ -12,7 +12,6 @@ pub mod balance;
 pub mod codec;
 pub mod config;
 pub mod envelope;
-pub mod fake_cli;
 pub mod health;
 pub mod hygiene;
 pub mod metrics;
