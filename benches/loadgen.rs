@@ -88,7 +88,7 @@ fn fake_child(name: String) {
         .unwrap();
     rt.block_on(async {
         let fake =
-            copilot_lb::fake_cli::FakeCli::start(copilot_lb::fake_cli::FakeConfig::named(name))
+            test_support::fake_cli::FakeCli::start(test_support::fake_cli::FakeConfig::named(name))
                 .await
                 .expect("fake CLI start");
         println!("ADDR {}", fake.addr());
@@ -408,7 +408,7 @@ async fn run() {
     eprintln!("loadgen: logs and configs in {}", tmp.display());
     let mut report = Report {
         machine: machine(),
-        started: copilot_lb::fake_cli::rfc3339_now(),
+        started: copilot_lb::rpc::now_rfc3339(),
         ..Default::default()
     };
     let mut idle_n: usize = std::env::var("LG_IDLE")

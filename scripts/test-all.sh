@@ -9,11 +9,13 @@ step() { echo; echo "=== $* ==="; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+# --workspace: the fixtures crate (crates/test-support) is linted and tested too; without it
+# cargo covers only the root package.
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test (unit, property, integration)"
-cargo test --all-targets
+cargo test --workspace --all-targets
 
 step "end-to-end: real Copilot CLI + Python and Node SDKs through copilot-lb"
 cargo build --bin copilot-lb

@@ -13,7 +13,6 @@ pub mod codec;
 pub mod config;
 pub mod context;
 pub mod envelope;
-pub mod fake_cli;
 pub mod health;
 pub mod hygiene;
 pub mod metrics;

@@ -6,8 +6,8 @@
 mod lg;
 
 use copilot_lb::config::Config;
-use copilot_lb::fake_cli::{FakeCli, FakeConfig};
 use std::time::Duration;
+use test_support::fake_cli::{FakeCli, FakeConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_smoke() {

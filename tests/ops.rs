@@ -168,13 +168,7 @@ async fn backends_can_be_reached_over_tls() {
     within(Duration::from_secs(30), async {
         // A TLS-terminating copilot-lb stands in for a CLI behind TLS.
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(vec!["cli.internal".to_string()]).unwrap();
-        p.is_ca = rcgen::IsCa::ExplicitNoCa;
-        let cert = p.self_signed(&key).unwrap();
-        let (c, k) = (dir.path().join("cli.crt"), dir.path().join("cli.key"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let (c, k) = test_support::pki::self_signed(&["cli.internal"]).write(dir.path(), "cli");
         let f = fakes(1, false).await;
         let inner = Config::from_yaml(
             &format!(

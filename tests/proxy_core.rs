@@ -5,10 +5,10 @@ mod common;
 use common::*;
 use copilot_lb::backend::State;
 use copilot_lb::balance;
-use copilot_lb::fake_cli::{FakeCli, FakeConfig};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+use test_support::fake_cli::{FakeCli, FakeConfig};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -48,9 +48,11 @@ async fn expect_turn(c: &mut Client, sid: &str, prompt: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_spread_over_backends_with_single_placement() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut c = Client::connected(addr).await;
         let ids: Vec<String> = (0..30).map(|i| format!("spread-{i}")).collect();
         for sid in &ids {
@@ -95,9 +97,11 @@ async fn sessions_spread_over_backends_with_single_placement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_come_back_exactly_and_null_result_is_kept() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: _fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connected(addr).await;
         let ids = [
             r#""abc""#,
@@ -139,9 +143,11 @@ async fn ids_come_back_exactly_and_null_result_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_without_session_id_gets_one_that_routes() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut c = Client::connected(addr).await;
         let mut seen = HashSet::new();
         for _ in 0..5 {
@@ -166,9 +172,11 @@ async fn create_without_session_id_gets_one_that_routes() {
 async fn session_list_fans_out_and_merges() {
     within(T, async {
         // Private storage: every session listed once.
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut c = Client::connected(addr).await;
         let ids: Vec<String> = (0..12).map(|i| format!("list-{i}")).collect();
         for sid in &ids {
@@ -196,9 +204,11 @@ async fn session_list_fans_out_and_merges() {
         }
 
         // Shared storage: every backend returns every session; merged to one each.
-        let shared = common::fakes(3, true).await;
-        let addrs: Vec<_> = shared.iter().map(|f| f.addr()).collect();
-        let (_running2, addr2) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: shared,
+            running: _running2,
+            addr: addr2,
+        } = Fixture::start(3, true).await;
         let mut c = Client::connected(addr2).await;
         for sid in &ids {
             c.ok("session.create", json!({"sessionId": sid})).await;
@@ -223,9 +233,11 @@ async fn session_list_fans_out_and_merges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_and_events_are_isolated_per_client() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut a = Client::connected(addr).await;
         let mut b = Client::connected(addr).await;
         // B opens a link to every backend (fan-out) and owns one session of its own.
@@ -278,9 +290,7 @@ async fn lifecycle_and_events_are_isolated_per_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_to_client_requests_get_integer_ids_and_answers_flow_back() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture { fakes: _fakes, running: _running, addr } = Fixture::start(2, false).await;
         let mut c = Client::connect(addr).await;
         let f = c.call_id(r#""c-1""#, "connect", json!({})).await;
         assert_eq!(f.json["result"]["ok"], true);
@@ -349,11 +359,14 @@ async fn connect_and_ping_are_local_and_dangerous_methods_never_reach_backends()
     within(T, async {
         // Every backend dead.
         let dead = fakes(2, false).await;
-        let addrs: Vec<_> = dead.iter().map(|f| f.addr()).collect();
         for f in &dead {
             f.kill();
         }
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: _dead,
+            running: _running,
+            addr,
+        } = Fixture::front(dead, None, |_| {}).await;
         let mut c = Client::connect(addr).await;
         let f = c.call("connect", json!({})).await;
         assert_eq!(f.json["result"]["ok"], true, "{}", f.text());
@@ -371,9 +384,11 @@ async fn connect_and_ping_are_local_and_dangerous_methods_never_reach_backends()
         assert!(f.json["error"]["data"].get("retryable").is_some());
 
         // Live backends: token in open mode, and denied methods.
-        let live = fakes(2, false).await;
-        let addrs: Vec<_> = live.iter().map(|f| f.addr()).collect();
-        let (_running2, addr2) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: live,
+            running: _running2,
+            addr: addr2,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connect(addr2).await;
         let f = c.call("connect", json!({"token": "t0k3n"})).await;
         assert_eq!(f.error_code(), Some(-32003), "{}", f.text());
@@ -402,11 +417,10 @@ async fn connect_and_ping_are_local_and_dangerous_methods_never_reach_backends()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_like_the_cli() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let mut cfg = config(&addrs);
-        cfg.limits.max_frame_bytes = 64 * 1024;
-        let (_running, addr) = proxy(cfg).await;
+        let Fixture { fakes, running: _running, addr } = Fixture::with(2, false, |cfg| {
+            cfg.limits.max_frame_bytes = 64 * 1024;
+        })
+        .await;
         let mut c = Client::connected(addr).await;
 
         // Garbage JSON: -32700, connection survives.
@@ -464,9 +478,11 @@ async fn bad_input_is_answered_like_the_cli() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn big_frames_arrive_intact_and_in_order() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: _fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connected(addr).await;
         let payload: String = (0..(1 << 20))
             .map(|i| (b'a' + (i % 26) as u8) as char)
@@ -514,9 +530,11 @@ async fn big_frames_arrive_intact_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_backend_fails_fast_and_new_sessions_go_elsewhere() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut c = Client::connected(addr).await;
         let ids: Vec<String> = (0..12).map(|i| format!("dead-{i}")).collect();
         for sid in &ids {
@@ -588,12 +606,15 @@ async fn dead_backend_fails_fast_and_new_sessions_go_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_closes_upstream_links() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let mut cfg = config(&addrs);
-        // Slow probes, so probe connections do not blur the link count.
-        cfg.health.interval = copilot_lb::config::Millis(Duration::from_secs(60));
-        let (_running, addr) = proxy(cfg).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::with(3, false, |cfg| {
+            // Slow probes, so probe connections do not blur the link count.
+            cfg.health.interval = copilot_lb::config::Millis(Duration::from_secs(60));
+        })
+        .await;
         let mut c = Client::connected(addr).await;
         for i in 0..9 {
             c.ok("session.create", json!({"sessionId": format!("dc-{i}")}))
@@ -717,9 +738,11 @@ async fn fake_cli_speaks_the_cli_protocol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_and_fragmented_frames() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: _fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connected(addr).await;
         // 50 requests in one write.
         let mut buf = Vec::new();
@@ -754,9 +777,11 @@ async fn pipelined_and_fragmented_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_server_requests_from_two_backends_are_kept_apart() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut c = Client::connected(addr).await;
         // Two sessions on two different backends.
         let mut sids: Vec<String> = Vec::new();
@@ -805,9 +830,11 @@ async fn concurrent_server_requests_from_two_backends_are_kept_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_backend_fails_requests_instead_of_hanging() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connected(addr).await;
         let mut on = HashMap::new();
         for i in 0..10 {
@@ -857,12 +884,15 @@ async fn stalled_backend_fails_requests_instead_of_hanging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_refusing_connections_gets_no_new_sessions() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let mut cfg = config(&addrs);
-        // Slow probes: placement must cope before health notices.
-        cfg.health.interval = copilot_lb::config::Millis(Duration::from_secs(60));
-        let (_running, addr) = proxy(cfg).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::with(3, false, |cfg| {
+            // Slow probes: placement must cope before health notices.
+            cfg.health.interval = copilot_lb::config::Millis(Duration::from_secs(60));
+        })
+        .await;
         fakes[1].refuse_connect(true);
         let mut c = Client::connected(addr).await;
         for i in 0..12 {
@@ -882,11 +912,14 @@ async fn backend_refusing_connections_gets_no_new_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_backend_reply_is_answered_not_dropped() {
     within(T, async {
-        let fakes = fakes(1, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let mut cfg = config(&addrs);
-        cfg.limits.max_frame_bytes = 64 * 1024;
-        let (_running, addr) = proxy(cfg).await;
+        let Fixture {
+            fakes: _fakes,
+            running: _running,
+            addr,
+        } = Fixture::with(1, false, |cfg| {
+            cfg.limits.max_frame_bytes = 64 * 1024;
+        })
+        .await;
         let mut c = Client::connected(addr).await;
         c.ok("session.create", json!({"sessionId": "ob"})).await;
         // A 40 KiB prompt fits; the history (prompt + echo) does not.
@@ -908,9 +941,11 @@ async fn oversized_backend_reply_is_answered_not_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_client_resume_joins_the_same_backend() {
     within(T, async {
-        let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(3, false).await;
         let mut a = Client::connected(addr).await;
         let mut b = Client::connected(addr).await;
         a.ok("session.create", json!({"sessionId": "shared-1"}))
@@ -949,8 +984,12 @@ async fn resume_of_a_session_unknown_to_the_proxy_finds_its_backend() {
             d.ok("session.send", send_params(sid, "before")).await;
         }
         assert!(eventually(Duration::from_secs(2), || target.sessions_live().is_empty()).await);
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::front(fakes, None, |_| {}).await;
+        let target = &fakes[order[2]];
         let mut c = Client::connected(addr).await;
         let f = c.call("session.resume", json!({"sessionId": sid})).await;
         assert!(f.json.get("result").is_some(), "{}", f.text());
@@ -975,11 +1014,14 @@ async fn resume_of_a_session_unknown_to_the_proxy_finds_its_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_storage_failover_resumes_on_one_backend_only() {
     within(T, async {
-        let fakes = fakes(3, true).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let mut cfg = config(&addrs);
-        cfg.sessions.shared_storage = true;
-        let (running, addr) = proxy(cfg).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::with(3, true, |cfg| {
+            cfg.sessions.shared_storage = true;
+        })
+        .await;
         let mut c = Client::connected(addr).await;
         let ids: Vec<String> = (0..9).map(|i| format!("fo-{i}")).collect();
         for sid in &ids {
@@ -1017,9 +1059,11 @@ async fn shared_storage_failover_resumes_on_one_backend_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_backend_comes_back_and_takes_new_sessions() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::start(2, false).await;
         let name = fakes[0].addr().to_string();
         let state = |s: State| {
             let running = &running;
@@ -1052,9 +1096,11 @@ async fn restarted_backend_comes_back_and_takes_new_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_are_not_reordered_after_their_reply() {
     within(T, async {
-        let fakes = fakes(2, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
-        let (_running, addr) = proxy(config(&addrs)).await;
+        let Fixture {
+            fakes: _fakes,
+            running: _running,
+            addr,
+        } = Fixture::start(2, false).await;
         let mut c = Client::connected(addr).await;
         for i in 0..10 {
             let sid = format!("ord-{i}");
@@ -1096,11 +1142,17 @@ async fn backend_token_is_used_by_links_and_probes() {
         .await
         .unwrap();
         std::env::set_var("COPILOT_LB_TEST_BACKEND_TOKEN", "backend-secret");
-        let mut cfg = config(&[good.addr(), bad.addr()]);
-        for b in &mut cfg.backends {
-            b.token_env = Some("COPILOT_LB_TEST_BACKEND_TOKEN".into());
-        }
-        let (running, addr) = proxy(cfg).await;
+        let Fixture {
+            fakes,
+            running,
+            addr,
+        } = Fixture::front(vec![good, bad], None, |cfg| {
+            for b in &mut cfg.backends {
+                b.token_env = Some("COPILOT_LB_TEST_BACKEND_TOKEN".into());
+            }
+        })
+        .await;
+        let (good, bad) = (&fakes[0], &fakes[1]);
         let bad_name = bad.addr().to_string();
         assert!(
             eventually(Duration::from_secs(5), || running
@@ -1128,14 +1180,14 @@ async fn backend_token_is_used_by_links_and_probes() {
 async fn event_loops_with_busy_polling_serve_many_clients() {
     within(T, async {
         let fakes = fakes(3, false).await;
-        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
         let loops = std::sync::Arc::new(
             copilot_lb::runtime::Loops::start(2, Duration::from_millis(1)).expect("loops"),
         );
-        let running = copilot_lb::app::start_on(config(&addrs), Some(loops.clone()))
-            .await
-            .expect("proxy start");
-        let addr = running.listen_addrs[0];
+        let Fixture {
+            fakes,
+            running: _running,
+            addr,
+        } = Fixture::front(fakes, Some(loops.clone()), |_| {}).await;
         let mut clients = Vec::new();
         for _ in 0..6 {
             clients.push(Client::connected(addr).await);

@@ -1,67 +1,16 @@
-//! The auth layer over real sockets: an mTLS edge (certificates made here with rcgen) in front of
-//! a fake CLI that requires its own token, reached through in-process sidecars.
+//! The auth layer over real sockets: an mTLS edge (certificates from `test_support::pki`) in
+//! front of a fake CLI that requires its own token, reached through in-process sidecars.
 
 mod common;
 
 use common::{within, Client};
 use copilot_lb::config::Config;
-use copilot_lb::fake_cli::{FakeCli, FakeConfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca { cert, key }
-}
-
-fn leaf(
-    dir: &Path,
-    name: &str,
-    ca: &Ca,
-    san: SanType,
-    client: bool,
-    expired: bool,
-) -> (PathBuf, PathBuf) {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.subject_alt_names = vec![san];
-    p.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    if expired {
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    }
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k)
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().unwrap())
-}
+use test_support::fake_cli::{FakeCli, FakeConfig};
+use test_support::pki::{ca, ip, uri, Role};
 
 struct Pki {
     dir: tempfile::TempDir,
@@ -81,18 +30,21 @@ fn pki() -> Pki {
     let other = ca("other-ca");
     let ca_path = d.join("ca.crt");
     std::fs::write(&ca_path, root.cert.pem()).unwrap();
-    let server = leaf(
-        d,
-        "edge",
-        &root,
-        SanType::IpAddress("127.0.0.1".parse().unwrap()),
-        false,
-        false,
-    );
-    let a = leaf(d, "a", &root, uri("spiffe://t/a"), true, false);
-    let b = leaf(d, "b", &root, uri("spiffe://t/b"), true, false);
-    let rogue = leaf(d, "rogue", &other, uri("spiffe://t/a"), true, false);
-    let expired = leaf(d, "expired", &root, uri("spiffe://t/a"), true, true);
+    let server = root
+        .leaf("edge", ip("127.0.0.1"), Role::Server)
+        .write(d, "edge");
+    let a = root
+        .leaf("a", uri("spiffe://t/a"), Role::Client)
+        .write(d, "a");
+    let b = root
+        .leaf("b", uri("spiffe://t/b"), Role::Client)
+        .write(d, "b");
+    let rogue = other
+        .leaf("rogue", uri("spiffe://t/a"), Role::Client)
+        .write(d, "rogue");
+    let expired = root
+        .expired_leaf("expired", uri("spiffe://t/a"), Role::Client)
+        .write(d, "expired");
     Pki {
         other_ca_pem: other.cert.pem(),
         dir,

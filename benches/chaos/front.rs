@@ -3,16 +3,16 @@
 //!
 //! With `--storage DIR` the backend shares session storage with the other backends of DIR:
 //! it forwards every connection to fake `N` of the storage host that wrote `DIR/N.addr` (see
-//! [`super::host`]: the library's fake keeps storage in memory, so shared storage across
-//! processes lives in one host process). Without `--storage` it runs the library's fake CLI
+//! [`super::host`]: the fake keeps storage in memory, so shared storage across
+//! processes lives in one host process). Without `--storage` it runs the fake CLI
 //! itself, with private storage. Either way it listens on 127.0.0.1:P, prints `READY` on
 //! stdout, and exits when stdin closes (its parent died or let go).
 
-use copilot_lb::fake_cli::{FakeCli, FakeConfig};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use test_support::fake_cli::{FakeCli, FakeConfig};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Runs until stdin closes.

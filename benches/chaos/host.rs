@@ -1,10 +1,10 @@
 //! Shared session storage for fake CLIs that run as separate processes.
 //!
-//! The library's fake CLI keeps its [`Storage`] in memory (several fakes share one only inside
-//! one process), and the chaos harness may not change `src/`. So the session logic and the
-//! shared storage stay in one *host* — the chaos/soak driver itself, or `chaos fake-host` —
-//! which runs one in-process [`FakeCli`] per backend name on a private port and writes
-//! `<dir>/<name>.addr`. Each backend's network endpoint is a separate `chaos fake-cli`
+//! The fake CLI (`test_support::fake_cli`) keeps its [`Storage`] in memory (several fakes
+//! share one only inside one process), and the chaos harness may not change it. So the session
+//! logic and the shared storage stay in one *host* — the chaos/soak driver itself, or `chaos
+//! fake-host` — which runs one in-process [`FakeCli`] per backend name on a private port and
+//! writes `<dir>/<name>.addr`. Each backend's network endpoint is a separate `chaos fake-cli`
 //! process ([`super::front`]) that forwards every accepted connection, byte for byte, to its
 //! fake in the host. Killing that process (-9) closes all of its connections at once, so the
 //! fake sees them close and releases the sessions they held, exactly like a CLI that died;
@@ -14,10 +14,10 @@
 //! were running inside it; here such a turn may still finish in the fake and be written to
 //! storage (its answer goes nowhere).
 
-use copilot_lb::fake_cli::{FakeCli, FakeConfig, Storage};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use test_support::fake_cli::{FakeCli, FakeConfig, Storage};
 
 /// The fakes of one run and their shared storage.
 pub struct Host {

@@ -788,51 +788,22 @@ pub fn plot_points(p: &Pct) -> Vec<(String, f64)> {
 /// `server.crt`/`server.key` (SAN 127.0.0.1) into `dir` and returns a client config that
 /// trusts the CA and presents a client certificate.
 pub fn mtls_pki(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        SanType,
-    };
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, "loadgen-ca");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = p.self_signed(&ca_key).unwrap();
-    let leaf = |cn: &str, san: SanType, client: bool| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.subject_alt_names = vec![san];
-        p.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert, key)
-    };
-    let (sc, sk) = leaf(
-        "127.0.0.1",
-        SanType::IpAddress("127.0.0.1".parse().unwrap()),
-        false,
-    );
-    let (cc, ck) = leaf(
-        "loadgen",
-        SanType::URI("spiffe://bench/loadgen".try_into().unwrap()),
-        true,
-    );
-    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-    std::fs::write(dir.join("server.crt"), sc.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), sk.serialize_pem()).unwrap();
+    use test_support::pki::{self, Role};
+    let ca = pki::ca("loadgen-ca");
+    let server = ca.leaf("127.0.0.1", pki::ip("127.0.0.1"), Role::Server);
+    let client = ca.leaf("loadgen", pki::uri("spiffe://bench/loadgen"), Role::Client);
+    std::fs::write(dir.join("ca.crt"), ca.cert.pem()).unwrap();
+    server.write(dir, "server");
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.serialize_der()).unwrap();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(client.key.serialize_der()).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
-    .with_client_auth_cert(vec![cc.der().clone()], key)
+    .with_client_auth_cert(vec![client.cert.der().clone()], key)
     .unwrap();
     Arc::new(cfg)
 }

@@ -1,5 +1,5 @@
 //! Shared helpers for integration tests: a raw JSON-RPC client over loopback TCP, fake CLI
-//! backends, and an in-process proxy.
+//! backends (from `test_support`), and an in-process proxy in front of them.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -7,13 +7,14 @@ use copilot_lb::app::{self, Running};
 use copilot_lb::codec::{encode_frame, CodecError, FrameReader, Limits};
 use copilot_lb::config::{Config, Overrides};
 use copilot_lb::envelope::{self, Kind};
-use copilot_lb::fake_cli::{FakeCli, FakeConfig, Storage};
+use copilot_lb::runtime::Loops;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use test_support::fake_cli::{FakeCli, FakeConfig, Storage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -375,6 +376,49 @@ pub async fn proxy(cfg: Config) -> (Running, SocketAddr) {
     let r = app::start(cfg).await.expect("proxy start");
     let addr = r.listen_addrs[0];
     (r, addr)
+}
+
+/// Fake backends and an in-process proxy in front of them, the setup most proxy tests start
+/// from. Tests destructure it; the fakes and the proxy stop when their bindings drop, so bind
+/// unused ones to `_name`, never to `_`.
+pub struct Fixture {
+    /// The backends, in the config's order.
+    pub fakes: Vec<FakeCli>,
+    /// The proxy.
+    pub running: Running,
+    /// The proxy's client listener.
+    pub addr: SocketAddr,
+}
+
+impl Fixture {
+    /// `n` fakes from [`fakes`] behind a proxy with the test [`config`].
+    pub async fn start(n: usize, shared: bool) -> Fixture {
+        Fixture::with(n, shared, |_| {}).await
+    }
+
+    /// Like [`Fixture::start`], with `tweak` applied to the config before the proxy starts.
+    pub async fn with(n: usize, shared: bool, tweak: impl FnOnce(&mut Config)) -> Fixture {
+        Fixture::front(fakes(n, shared).await, None, tweak).await
+    }
+
+    /// A proxy in front of fakes the test prepared itself (tokens, killed, sessions made
+    /// behind the proxy's back), serving clients on `loops` when given.
+    pub async fn front(
+        fakes: Vec<FakeCli>,
+        loops: Option<Arc<Loops>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Fixture {
+        let addrs: Vec<SocketAddr> = fakes.iter().map(|f| f.addr()).collect();
+        let mut cfg = config(&addrs);
+        tweak(&mut cfg);
+        let running = app::start_on(cfg, loops).await.expect("proxy start");
+        let addr = running.listen_addrs[0];
+        Fixture {
+            fakes,
+            running,
+            addr,
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns true or `timeout` passes.

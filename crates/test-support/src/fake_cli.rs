@@ -11,24 +11,23 @@
 //! Test-only methods: `test.echo {payload}`, `test.null`, `test.stream {sessionId, count,
 //! size}`, `test.callClient {sessionId, method, params}`, `test.sleep {ms}`, `test.whoami`.
 
-use crate::codec::{CodecError, FrameReader, Limits};
-use crate::envelope::{self, Kind};
-use crate::{rpc, wire};
 use bytes::Bytes;
+use copilot_lb::codec::{CodecError, FrameReader, Limits};
+use copilot_lb::envelope::{self, Kind};
+use copilot_lb::rpc::{self, now_rfc3339, PROTOCOL_VERSION};
+use copilot_lb::wire;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The protocol version the fake reports.
-pub const PROTOCOL_VERSION: u64 = 3;
 /// Capacity of each connection's outgoing frame queue.
 const QUEUE: usize = 1024;
 /// Longest `test.sleep` honoured, so a typo cannot hang a test run.
@@ -159,7 +158,7 @@ impl Storage {
     }
 
     fn create(&self, id: &str) {
-        let now = rfc3339_now();
+        let now = now_rfc3339();
         self.lock()
             .entry(id.to_string())
             .or_insert_with(|| StoredSession {
@@ -184,7 +183,7 @@ impl Storage {
     fn append(&self, id: &str, events: &[Value], summary: Option<&str>) {
         if let Some(s) = self.lock().get_mut(id) {
             s.history.extend_from_slice(events);
-            s.modified_time = rfc3339_now();
+            s.modified_time = now_rfc3339();
             if s.summary.is_none() {
                 s.summary = summary.map(str::to_string);
             }
@@ -842,7 +841,7 @@ impl Inner {
         let was_live = self.join(conn.id, &sid);
         let ev = event(
             "session.resume",
-            json!({"resumeTime": rfc3339_now(), "eventCount": stored.history.len(), "alreadyInUse": in_use_elsewhere, "sessionWasActive": was_live}),
+            json!({"resumeTime": now_rfc3339(), "eventCount": stored.history.len(), "alreadyInUse": in_use_elsewhere, "sessionWasActive": was_live}),
             true,
         );
         self.to_joined(&sid, Bytes::from(session_event(&sid, &ev)))
@@ -960,7 +959,7 @@ fn notification(method: &str, params: &Value) -> Vec<u8> {
 fn event(kind: &str, data: Value, ephemeral: bool) -> Value {
     let mut e = json!({
         "id": uuid::Uuid::new_v4().to_string(),
-        "timestamp": rfc3339_now(),
+        "timestamp": now_rfc3339(),
         "parentId": Value::Null,
         "type": kind,
         "data": data,
@@ -975,39 +974,20 @@ fn session_event(sid: &str, event: &Value) -> Vec<u8> {
     notification("session.event", &json!({"sessionId": sid, "event": event}))
 }
 
-/// Now as RFC 3339 UTC with milliseconds (`2025-01-31T12:34:56.789Z`).
-pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
-        d.subsec_millis()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    // The fake stamps sessions with the product's formatter; SDKs parse these fields.
     #[test]
     fn rfc3339_shape() {
-        let t = rfc3339_now();
-        assert_eq!(t.len(), 24, "{t}");
-        assert!(t.ends_with('Z'));
-        assert!(t.starts_with("20"));
+        let st = Storage::new();
+        st.create("s");
+        let s = st.get("s").unwrap();
+        for t in [&s.start_time, &s.modified_time] {
+            assert_eq!(t.len(), 24, "{t}");
+            assert!(t.ends_with('Z'));
+            assert!(t.starts_with("20"));
+        }
     }
 }
