@@ -1,10 +1,10 @@
 //! One client (SDK) connection: its read loop, its reply queue, its life (in flight, settle,
 //! close) and the dispatch of each request to the concern that handles it.
 
-use super::failover::Holds;
-use super::membership::Membership;
+use super::failover::plan::Holds;
+use super::membership::joined::Membership;
 use super::request::{intake, ClientReq, Intake};
-use super::upstream::Upstream;
+use super::upstream::links::Upstream;
 use crate::auth::Tenant;
 use crate::codec::{CodecError, FrameReader};
 use crate::context::{ClientHandle, Shared};

@@ -4,7 +4,7 @@
 //! broken link.
 
 use super::conn::ClientConn;
-use super::failover::RejoinError;
+use super::failover::plan::RejoinError;
 use super::request::ClientReq;
 use crate::affinity::Claim;
 use crate::backend::{Backend, State};

@@ -1,6 +1,8 @@
 //! A connection's links to backends: opening them, sending requests over them, and what a
 //! link reports back (replies, notifications, CLI requests, its end).
 
+pub(super) mod links;
+
 use super::conn::ClientConn;
 use super::link::{Link, LinkEnd, LinkOwner};
 use super::request::ClientReq;
@@ -9,52 +11,11 @@ use crate::envelope;
 use crate::route::Route;
 use crate::rpc;
 use bytes::Bytes;
+use links::Upstream;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 use tracing::{debug, info};
-
-/// A connection's links and the CLI's requests waiting for this client's answer.
-#[derive(Default)]
-pub(crate) struct Upstream {
-    links: HashMap<String, Arc<Link>>,
-    /// Proxy id → (the link it came on, the CLI's own id).
-    server_reqs: HashMap<u64, (Arc<Link>, Box<RawValue>)>,
-    next_srv: u64,
-}
-
-impl Upstream {
-    /// Client requests written or queued on any link and not yet answered.
-    pub(super) fn pending_client(&self) -> usize {
-        self.links.values().map(|l| l.pending_client()).sum()
-    }
-
-    /// Whether the CLI waits for this client to answer something.
-    pub(super) fn awaits_client(&self) -> bool {
-        !self.server_reqs.is_empty()
-    }
-
-    /// Every link, emptied (the connection closes).
-    pub(super) fn drain(&mut self) -> Vec<Arc<Link>> {
-        self.server_reqs.clear();
-        self.links.drain().map(|(_, l)| l).collect()
-    }
-
-    /// Forgets a link that ended (if it is still the current one) and what the CLI asked
-    /// through it.
-    fn link_ended(&mut self, link: &Link) {
-        if self
-            .links
-            .get(&link.backend.name)
-            .is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), link))
-        {
-            self.links.remove(&link.backend.name);
-        }
-        self.server_reqs
-            .retain(|_, (l, _)| !std::ptr::eq(Arc::as_ptr(l), link));
-    }
-}
 
 impl ClientConn {
     pub(super) fn upstream(&self) -> MutexGuard<'_, Upstream> {

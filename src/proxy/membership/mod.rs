@@ -1,0 +1,132 @@
+//! A connection's sessions: joining and leaving them (and the session table with them), the
+//! ownership check on every call naming a session, notifications and turn tracking.
+
+pub(super) mod joined;
+
+use super::conn::ClientConn;
+use super::request::ClientReq;
+use crate::envelope;
+use crate::route::Route;
+use crate::rpc;
+use bytes::Bytes;
+use joined::{ends_turn, may_use, notification_passes, Membership};
+use serde_json::json;
+use std::sync::{Arc, MutexGuard};
+use tracing::warn;
+
+impl ClientConn {
+    pub(super) fn members(&self) -> MutexGuard<'_, Membership> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ownership check for any call naming a session (a match refreshes its idle time).
+    /// Returns false after answering.
+    pub(super) async fn check_owner(&self, req: &ClientReq, sid: &str) -> bool {
+        let tenant = self.tenant();
+        let owned = self.shared.sessions.owned_by_touch(sid, &tenant.name);
+        let ok = may_use(owned, &tenant, sid);
+        if !ok {
+            self.foreign(req, sid).await;
+        }
+        ok
+    }
+
+    /// Whether this client's tenant may see a session (lists).
+    pub(super) fn visible(&self, sid: &str) -> bool {
+        let tenant = self.tenant();
+        may_use(
+            self.shared.sessions.owned_by(sid, &tenant.name),
+            &tenant,
+            sid,
+        )
+    }
+
+    /// Joins with the request's own params remembered for a later re-resume.
+    pub(super) fn join_as(&self, sid: &str, backend: &str, req: &ClientReq) {
+        let params = envelope::raw_params(&req.body).map(str::to_string);
+        if self.members().join(sid, backend, params) {
+            self.shared.sessions.join(sid, &self.shared.pool);
+        }
+    }
+
+    pub(super) fn unjoin(&self, sid: &str) {
+        if self.members().leave(sid) {
+            self.shared.sessions.leave(sid, &self.shared.pool);
+        }
+    }
+
+    /// Undoes what a failed `session.create` installed: this connection's join and, unless
+    /// another client has the session open, its route.
+    pub(super) fn forget_failed_create(&self, sid: &str) {
+        self.unjoin(sid);
+        if let Some(p) = self.shared.sessions.get(sid) {
+            if p.live_conns == 0 {
+                self.shared.sessions.remove(sid, &self.shared.pool);
+            }
+        }
+    }
+
+    /// Any call naming a session: ownership, detach and turn bookkeeping, then upstream.
+    pub(super) async fn session_call(self: &Arc<Self>, req: ClientReq) {
+        let Some(sid) = req.session.clone() else {
+            return;
+        };
+        if !self.check_owner(&req, &sid).await {
+            return;
+        }
+        if req.route == Route::Detach {
+            self.unjoin(&sid);
+        }
+        if matches!(
+            req.method.as_str(),
+            "session.send" | "session.sendMessages" | "session.sendAndWait"
+        ) {
+            self.members().set_turn(&sid, true);
+        }
+        self.to_session_backend(req).await;
+    }
+
+    /// Whether a backend notification may reach this client; notes the end of a turn.
+    pub(super) fn admit_notification(
+        &self,
+        method: &str,
+        session: Option<&str>,
+        body: &[u8],
+    ) -> bool {
+        let telemetry = self.telemetry();
+        let mut m = self.members();
+        let pass = notification_passes(method, session, telemetry, |s| m.knows(s));
+        if let (true, Some(sid), "session.event") = (pass, session, method) {
+            if ends_turn(body) {
+                m.set_turn(sid, false);
+            }
+        }
+        pass
+    }
+
+    /// Tells the client, as a `session.error` event, that a turn in progress died with its
+    /// backend: an SDK waiting in `send_and_wait` fails at once instead of at its timeout.
+    pub(super) async fn turns_lost(&self, backend: &str, reason: &str) {
+        let lost = self.members().take_turns_on(backend);
+        for sid in lost {
+            let event = json!({
+                "sessionId": sid,
+                "event": {
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "timestamp": rpc::now_rfc3339(),
+                    "parentId": null,
+                    "type": "session.error",
+                    "ephemeral": true,
+                    "data": {
+                        "errorType": "copilot_lb_backend_lost",
+                        "errorCode": "BACKEND_LOST",
+                        "message": format!("copilot-lb: the turn in progress was lost because {reason}; send again to continue (the session fails over per policy)"),
+                    }
+                }
+            });
+            let body = format!(r#"{{"jsonrpc":"2.0","method":"session.event","params":{event}}}"#);
+            warn!(conn = self.id, session = %sid, backend, "turn lost with its backend; session.error sent to the client");
+            self.send_to_client(Bytes::from(body)).await;
+        }
+    }
+}
