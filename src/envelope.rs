@@ -461,17 +461,25 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
 }
 
 fn id_token(v: &[u8]) -> Option<String> {
+    // The member must end where the value does: `,` or `}` next (a string may also end the
+    // head, which is all an oversized frame shows). Anything else, and the id never was one.
+    let ends = |at: usize, may_cut: bool| match v.get(skip_ws(v, at)) {
+        Some(b',' | b'}') => true,
+        None => may_cut,
+        Some(_) => false,
+    };
     if v.first() == Some(&b'"') {
         let end = string_end(v, 0)?;
         let text = std::str::from_utf8(&v[..end]).ok()?;
         // Validated as JSON so control characters and bad escapes never reach a reply.
         serde_json::from_str::<Cow<'_, str>>(text).ok()?;
-        return Some(text.to_string());
+        return ends(end, true).then(|| text.to_string());
     }
     let len = v
         .iter()
         .position(|c| !(c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E')))?;
-    if !matches!(v[len], b',' | b'}' | b' ' | b'\t' | b'\n' | b'\r') {
+    // A number cut by the end of the head could be the prefix of a longer one.
+    if !ends(len, false) {
         return None;
     }
     let num = std::str::from_utf8(&v[..len]).ok()?;
@@ -514,6 +522,19 @@ mod tests {
         let mut b = b"[],[],[],\"".to_vec();
         b.push(b'\\');
         assert_eq!(check_text(&b, 2), Ok(()));
+    }
+
+    #[test]
+    fn a_sniffed_id_must_end_its_member() {
+        // Found by the client_path fuzzer: `"id":"~"` followed by garbage was echoed, though
+        // the member never ended; a reply may only name an id the frame really carried.
+        assert_eq!(sniff_id(br#"{"id":"~"g#"#), None);
+        assert_eq!(sniff_id(br#"{"id":7 g}"#), None);
+        assert_eq!(sniff_id(br#"{"id":"a"]"#), None);
+        assert_eq!(sniff_id(br#"{"id":"a" , "m"#).as_deref(), Some(r#""a""#));
+        assert_eq!(sniff_id(br#"{"id": 5 }"#).as_deref(), Some("5"));
+        // A head cut right after a whole string still names it (oversized frames).
+        assert_eq!(sniff_id(br#"{"id":"a""#).as_deref(), Some(r#""a""#));
     }
 
     #[test]
