@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 /// Serves the admin API until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     if let Ok(a) = listener.local_addr() {
         info!(listen = %a, "admin API listening");
     }

@@ -807,37 +807,76 @@ impl Config {
     }
 
     /// Reads every backend's connection token from its env var or file.
-    pub fn backend_token(b: &BackendConfig) -> Result<Option<String>, String> {
+    pub fn backend_token(b: &BackendConfig) -> Result<Option<String>, TokenError> {
+        let backend = b.name().to_string();
         if let Some(var) = &b.token_env {
             return match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(format!(
-                    "backend {:?}: environment variable {var} is empty",
-                    b.name()
-                )),
-                Err(_) => Err(format!(
-                    "backend {:?}: environment variable {var} is not set",
-                    b.name()
-                )),
+                Ok(_) => Err(TokenError::EnvEmpty {
+                    backend,
+                    var: var.clone(),
+                }),
+                Err(_) => Err(TokenError::EnvUnset {
+                    backend,
+                    var: var.clone(),
+                }),
             };
         }
         if let Some(path) = &b.token_file {
             return match std::fs::read_to_string(path) {
                 Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(format!(
-                    "backend {:?}: token file {} is empty",
-                    b.name(),
-                    path.display()
-                )),
-                Err(e) => Err(format!(
-                    "backend {:?}: cannot read token file {}: {e}",
-                    b.name(),
-                    path.display()
-                )),
+                Ok(_) => Err(TokenError::FileEmpty {
+                    backend,
+                    path: path.clone(),
+                }),
+                Err(source) => Err(TokenError::FileUnreadable {
+                    backend,
+                    path: path.clone(),
+                    source,
+                }),
             };
         }
         Ok(None)
     }
+}
+
+/// A backend's connection token could not be read. The token itself never appears here.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// `token_env` names a variable that is not set.
+    #[error("backend {backend:?}: environment variable {var} is not set")]
+    EnvUnset {
+        /// Backend name.
+        backend: String,
+        /// The variable.
+        var: String,
+    },
+    /// `token_env` names a variable that is empty.
+    #[error("backend {backend:?}: environment variable {var} is empty")]
+    EnvEmpty {
+        /// Backend name.
+        backend: String,
+        /// The variable.
+        var: String,
+    },
+    /// `token_file` is empty.
+    #[error("backend {backend:?}: token file {} is empty", path.display())]
+    FileEmpty {
+        /// Backend name.
+        backend: String,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// `token_file` cannot be read.
+    #[error("backend {backend:?}: cannot read token file {}: {source}", path.display())]
+    FileUnreadable {
+        /// Backend name.
+        backend: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// Checks `host:port` shape (names are resolved at connect time).

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 /// One request on a fresh connection of the proxy's own (not a client's link).
-pub async fn call_once(
+pub(crate) async fn call_once(
     b: &Backend,
     method: &str,
     params: &Value,
@@ -30,7 +30,7 @@ pub async fn call_once(
 
 /// Why the proxy could not delete a session.
 #[derive(Debug, thiserror::Error)]
-pub enum DeleteError {
+pub(crate) enum DeleteError {
     /// The session's backend was removed from the config.
     #[error("backend {0} is no longer configured")]
     Unconfigured(String),
@@ -53,7 +53,11 @@ pub enum DeleteError {
 }
 
 /// Deletes a session on its backend and forgets it. `Ok(false)` if the proxy does not know it.
-pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<bool, DeleteError> {
+pub(crate) async fn delete_session(
+    shared: &Shared,
+    sid: &str,
+    reason: &str,
+) -> Result<bool, DeleteError> {
     let Some(p) = shared.sessions.get(sid) else {
         return Ok(false);
     };
@@ -89,7 +93,7 @@ pub async fn delete_session(shared: &Shared, sid: &str, reason: &str) -> Result<
 }
 
 /// Every few seconds, deletes sessions past their tenant's age or idle limit.
-pub async fn reap(shared: Arc<Shared>) {
+pub(crate) async fn reap(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

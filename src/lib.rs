@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod affinity;
+mod admin;
+mod affinity;
 pub mod app;
 pub mod auth;
 pub mod backend;
@@ -14,12 +14,12 @@ pub mod config;
 pub mod context;
 pub mod envelope;
 pub mod health;
-pub mod hygiene;
-pub mod metrics;
-pub mod proxy;
-pub mod route;
+mod hygiene;
+mod metrics;
+mod proxy;
+mod route;
 pub mod rpc;
 pub mod runtime;
-pub mod sidecar;
-pub mod tls;
+mod sidecar;
+mod tls;
 pub mod wire;

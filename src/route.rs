@@ -4,7 +4,7 @@
 
 /// How the proxy treats a client request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// Answered by the proxy (`connect`, `ping`, `session.getForeground`).
     Local,
     /// `session.create`: placed by the balancer; the proxy injects a session id if missing.
@@ -29,7 +29,7 @@ pub enum Route {
 
 /// Why the proxy refuses a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denial {
+pub(crate) enum Denial {
     /// `runtime.shutdown` would stop a shared backend.
     Shutdown,
     /// Process-exclusive registrations that a shared backend pool cannot honour.
@@ -44,7 +44,7 @@ pub enum Denial {
 
 impl Denial {
     /// The human explanation sent to the client.
-    pub fn message(self, method: &str) -> String {
+    pub(crate) fn message(self, method: &str) -> String {
         match self {
             Denial::Shutdown => format!(
                 "{method} is not forwarded by copilot-lb: the CLI servers behind it are shared; stop them through their own supervisor"
@@ -119,14 +119,14 @@ const MULTI_SESSION: &[&str] = &[
 ];
 
 /// Methods whose session id is not at `params.sessionId` (copilot-protocol.md §3.4).
-pub const SPECIAL_SESSION_FIELDS: &[&str] = &[
+pub(crate) const SPECIAL_SESSION_FIELDS: &[&str] = &[
     "sessions.open",
     "sessions.transferRemoteControl",
     "sessions.stopRemoteControl",
 ];
 
 /// Finds the session id of a [`SPECIAL_SESSION_FIELDS`] method and its route.
-pub fn special(method: &str, params: &serde_json::Value) -> Result<(String, Route), String> {
+pub(crate) fn special(method: &str, params: &serde_json::Value) -> Result<(String, Route), String> {
     let s = |v: Option<&serde_json::Value>| v.and_then(|x| x.as_str()).map(str::to_string);
     match method {
         "sessions.open" => match params.get("kind").and_then(|k| k.as_str()) {
@@ -152,7 +152,7 @@ pub fn special(method: &str, params: &serde_json::Value) -> Result<(String, Rout
 }
 
 /// Decides the route for a client request.
-pub fn classify(method: &str, has_session_id: bool) -> Route {
+pub(crate) fn classify(method: &str, has_session_id: bool) -> Route {
     match method {
         // A headless CLI has no foreground session and answers `{}`: the proxy answers the
         // same itself, as no backend's answer could belong to the caller.
@@ -182,7 +182,7 @@ fn require(has: bool, r: Route, _m: &str) -> Route {
 }
 
 /// A low-cardinality label for metrics.
-pub fn class_label(r: Route) -> &'static str {
+pub(crate) fn class_label(r: Route) -> &'static str {
     match r {
         Route::Local => "local",
         Route::Create => "create",

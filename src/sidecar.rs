@@ -12,14 +12,14 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 /// A tcp-mode listener's upstream.
-pub struct Sidecar {
+pub(crate) struct Sidecar {
     upstream: String,
     tls: Option<Arc<ClientTlsStore>>,
 }
 
 impl Sidecar {
     /// Prepares the upstream (loads client TLS material).
-    pub fn new(l: &ListenerConfig) -> Result<Sidecar, TlsError> {
+    pub(crate) fn new(l: &ListenerConfig) -> Result<Sidecar, TlsError> {
         let up = l
             .upstream
             .as_ref()
@@ -35,7 +35,7 @@ impl Sidecar {
     }
 
     /// Accepts and forwards until shutdown.
-    pub async fn serve(self, shared: Arc<Shared>, listener: TcpListener) {
+    pub(crate) async fn serve(self, shared: Arc<Shared>, listener: TcpListener) {
         let me = Arc::new(self);
         let slots = Arc::new(Semaphore::new(shared.config().limits.max_connections));
         if let Ok(a) = listener.local_addr() {

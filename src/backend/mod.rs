@@ -172,7 +172,7 @@ pub struct BackendStatus {
 pub enum BackendError {
     /// The token source (env or file) could not be read.
     #[error("{0}")]
-    Token(String),
+    Token(#[from] crate::config::TokenError),
     /// The backend's TLS material could not be loaded.
     #[error("backend {backend:?}: {source}")]
     Tls {

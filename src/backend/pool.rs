@@ -3,13 +3,14 @@
 use super::{Backend, BackendError, State};
 use crate::balance::{self, Candidate};
 use crate::config::Config;
+use arc_swap::ArcSwap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// The set of backends, swapped whole on reload.
 #[derive(Debug, Default)]
 pub struct Pool {
-    inner: RwLock<Arc<Vec<Arc<Backend>>>>,
+    inner: ArcSwap<Vec<Arc<Backend>>>,
 }
 
 impl Pool {
@@ -21,13 +22,13 @@ impl Pool {
             .map(|b| Backend::from_config(b).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Pool {
-            inner: RwLock::new(Arc::new(list)),
+            inner: ArcSwap::from_pointee(list),
         })
     }
 
     /// A snapshot of the current backends.
     pub fn all(&self) -> Arc<Vec<Arc<Backend>>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner.load_full()
     }
 
     /// Finds a backend by name.
@@ -123,7 +124,7 @@ impl Pool {
                 o.name.clone()
             })
             .collect();
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.inner.store(Arc::new(next));
         Ok((added, removed))
     }
 }

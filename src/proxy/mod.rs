@@ -35,7 +35,7 @@ pub struct BindError {
 }
 
 /// Binds every configured listener.
-pub async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, BindError> {
+pub(crate) async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, BindError> {
     let mut out = Vec::new();
     for l in &cfg.listeners {
         let addr = l.listen.value.clone();
@@ -50,7 +50,11 @@ pub async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, BindError> {
 /// Accepts client connections until shutdown; a semaphore caps concurrent connections.
 /// With `tls`, each accept takes the store's current config, so rotated certificates apply
 /// to new handshakes without a restart.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<Arc<ServerTlsStore>>) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTlsStore>>,
+) {
     let max = shared.config().limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let local = listener
@@ -123,7 +127,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<Arc<S
 /// Reloads a listener's TLS files when they change, and closes (after their in-flight
 /// requests) connections whose client certificate no longer verifies: a CA dropped from the
 /// bundle, or a certificate that expired.
-pub async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
+pub(crate) async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
@@ -152,7 +156,7 @@ pub async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
 }
 
 /// Logs a start-up warning when the proxy accepts anyone.
-pub fn warn_if_open(shared: &Shared) {
+pub(crate) fn warn_if_open(shared: &Shared) {
     if !shared.auth().required() {
         error!("No tenants are configured, so copilot-lb accepts connections from any client and all sessions belong to one open tenant. Configure tenants with token hashes (copilot-lb hash-token) to require authentication.");
     }
