@@ -125,29 +125,49 @@ pub(crate) const SPECIAL_SESSION_FIELDS: &[&str] = &[
     "sessions.stopRemoteControl",
 ];
 
+/// Why a [`SPECIAL_SESSION_FIELDS`] call cannot be routed; the text is what the client reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unroutable {
+    #[error("sessions.open {{kind: create}} through copilot-lb needs options.sessionId (the proxy routes by it)")]
+    OpenCreateWithoutId,
+    #[error("sessions.open needs sessionId")]
+    OpenWithoutId,
+    #[error("sessions.open {{kind: {0}}} picks a session on one CLI server by itself, which copilot-lb cannot route; open it by id (kind resume or attach)")]
+    OpenPicksItself(String),
+    #[error("sessions.open needs kind")]
+    OpenWithoutKind,
+    #[error("sessions.transferRemoteControl needs toSessionId")]
+    TransferWithoutTarget,
+    #[error("sessions.stopRemoteControl through copilot-lb needs expectedSessionId (the proxy routes by it)")]
+    StopWithoutExpected,
+    #[error("{0} has no special session field")]
+    NotSpecial(String),
+}
+
 /// Finds the session id of a [`SPECIAL_SESSION_FIELDS`] method and its route.
-pub(crate) fn special(method: &str, params: &serde_json::Value) -> Result<(String, Route), String> {
+pub(crate) fn special(
+    method: &str,
+    params: &serde_json::Value,
+) -> Result<(String, Route), Unroutable> {
     let s = |v: Option<&serde_json::Value>| v.and_then(|x| x.as_str()).map(str::to_string);
     match method {
         "sessions.open" => match params.get("kind").and_then(|k| k.as_str()) {
             Some("create") => s(params.pointer("/options/sessionId"))
                 .map(|id| (id, Route::Create))
-                .ok_or_else(|| "sessions.open {kind: create} through copilot-lb needs options.sessionId (the proxy routes by it)".to_string()),
+                .ok_or(Unroutable::OpenCreateWithoutId),
             Some("resume" | "attach") => s(params.get("sessionId"))
                 .map(|id| (id, Route::Resume))
-                .ok_or_else(|| "sessions.open needs sessionId".to_string()),
-            Some(k) => Err(format!(
-                "sessions.open {{kind: {k}}} picks a session on one CLI server by itself, which copilot-lb cannot route; open it by id (kind resume or attach)"
-            )),
-            None => Err("sessions.open needs kind".into()),
+                .ok_or(Unroutable::OpenWithoutId),
+            Some(k) => Err(Unroutable::OpenPicksItself(k.to_string())),
+            None => Err(Unroutable::OpenWithoutKind),
         },
         "sessions.transferRemoteControl" => s(params.get("toSessionId"))
             .map(|id| (id, Route::Session))
-            .ok_or_else(|| "sessions.transferRemoteControl needs toSessionId".into()),
+            .ok_or(Unroutable::TransferWithoutTarget),
         "sessions.stopRemoteControl" => s(params.get("expectedSessionId"))
             .map(|id| (id, Route::Session))
-            .ok_or_else(|| "sessions.stopRemoteControl through copilot-lb needs expectedSessionId (the proxy routes by it)".into()),
-        _ => Err(format!("{method} has no special session field")),
+            .ok_or(Unroutable::StopWithoutExpected),
+        _ => Err(Unroutable::NotSpecial(method.to_string())),
     }
 }
 

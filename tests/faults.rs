@@ -374,3 +374,34 @@ async fn a_closing_client_is_not_held_by_its_links() {
     })
     .await;
 }
+
+/// A client half-closes while the CLI waits for its answer to a callback: the client can no
+/// longer answer, so the proxy must not hold the connection open waiting for that exchange
+/// (on the code before the fix it waited out `limits.shutdown_timeout`).
+#[tokio::test]
+async fn a_half_closed_client_the_cli_is_asking_is_not_waited_on() {
+    within(T, async {
+        let fakes = fakes(1, false).await;
+        let mut cfg = config(&[fakes[0].addr()]);
+        cfg.limits.shutdown_timeout = copilot_lb::config::Millis(Duration::from_secs(20));
+        let (_run, addr) = proxy(cfg).await;
+        let mut c = Client::connected(addr).await;
+        c.ok("session.create", json!({"sessionId": "hc-1"})).await;
+        let params = json!({"sessionId": "hc-1", "method": "hooks.invoke", "params": {}});
+        c.send_request(r#""cb""#, "test.callClient", &params).await;
+        let asked = c.server_request(Duration::from_secs(5)).await;
+        assert!(
+            asked.is_some(),
+            "the CLI's callback never reached the client"
+        );
+        c.shutdown_write().await;
+        let started = Instant::now();
+        assert!(
+            c.closed_within(Duration::from_secs(5)).await,
+            "the proxy kept a half-closed client open for a callback it can never answer"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "closed only after {took:?}");
+    })
+    .await;
+}

@@ -45,12 +45,14 @@ impl Pool {
             .collect()
     }
 
-    /// The first backend in `key`'s ranking that serves: up preferred, then draining.
+    /// The first backend in `key`'s ranking that serves: up preferred, then draining. On the
+    /// path of every process-wide call, so it ranks indexes and clones one `Arc`.
     pub fn first_serving(&self, key: &str) -> Option<Arc<Backend>> {
-        let ranked = self.ranked(key);
-        let up = ranked.iter().find(|b| b.state() == State::Up);
-        up.or_else(|| ranked.iter().find(|b| b.state() != State::Down))
-            .cloned()
+        let all = self.all();
+        let order = balance::rank(key, all.iter().map(|b| (b.name.as_str(), b.weight)));
+        let up = order.iter().find(|&&i| all[i].state() == State::Up);
+        up.or_else(|| order.iter().find(|&&i| all[i].state() != State::Down))
+            .map(|&i| all[i].clone())
     }
 
     /// Chooses a backend for a new session: bounded-load HRW over the up backends `allowed`

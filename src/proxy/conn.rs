@@ -14,7 +14,7 @@ use crate::{rpc, wire};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,7 +28,6 @@ use tracing::{debug, info, warn};
 pub(super) struct Identity {
     pub(super) authenticated: bool,
     pub(super) tenant: Option<Arc<Tenant>>,
-    pub(super) telemetry: bool,
 }
 
 /// A connected SDK client.
@@ -47,6 +46,9 @@ pub(crate) struct ClientConn {
     /// The budget's size: a larger frame takes all of it.
     out_limit: usize,
     pub(super) who: Mutex<Identity>,
+    /// The client asked for telemetry forwarding in its `connect` (read on every event, so
+    /// not behind the identity's lock).
+    pub(super) telemetry: AtomicBool,
     /// Sessions this connection created or resumed (membership.rs).
     pub(super) members: Mutex<Membership>,
     /// Links to backends and the CLI's requests to this client (upstream.rs).
@@ -118,6 +120,7 @@ async fn run<R, W>(
         out_budget: out_budget.clone(),
         out_limit,
         who: Mutex::new(Identity::default()),
+        telemetry: AtomicBool::new(false),
         members: Mutex::new(Membership::default()),
         upstream: Mutex::new(Upstream::default()),
         holds: Holds::default(),
@@ -288,7 +291,7 @@ impl ClientConn {
 
     /// Whether the client asked for telemetry forwarding in its `connect`.
     pub(super) fn telemetry(&self) -> bool {
-        self.who().telemetry
+        self.telemetry.load(Ordering::Relaxed)
     }
 
     pub(super) fn tenant(&self) -> Arc<Tenant> {

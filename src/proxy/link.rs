@@ -81,7 +81,7 @@ enum Pending {
     /// A client request; its body is taken by the writer, so a request still holding one was
     /// never sent and can be re-routed.
     Client(ClientReq),
-    Internal(oneshot::Sender<Result<Bytes, String>>),
+    Internal(oneshot::Sender<Result<Bytes, CallFailed>>),
 }
 
 enum LinkMsg {
@@ -92,7 +92,7 @@ enum LinkMsg {
 }
 
 struct Inner {
-    dead: Option<String>,
+    dead: Option<Arc<str>>,
     pending: HashMap<u64, Pending>,
 }
 
@@ -130,6 +130,20 @@ pub(crate) enum LinkEnd {
     ConnectFailed(CallError),
     /// An established link broke.
     Broken(CallError),
+}
+
+/// Why a call the proxy made over a link got no reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum CallFailed {
+    /// The link ended (the reason says how).
+    #[error("{0}")]
+    Ended(Arc<str>),
+    /// The link closed before the call could be written or answered.
+    #[error("link to backend {0} closed")]
+    Closed(String),
+    /// The reply was over the frame limit and discarded.
+    #[error("the backend's reply of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes) and was discarded")]
+    Oversized { len: usize, limit: usize },
 }
 
 impl Link {
@@ -231,7 +245,7 @@ impl Link {
     }
 
     /// Sends a request the proxy originates and waits for the reply body.
-    pub(crate) async fn call(&self, method: &str, params: &Value) -> Result<Bytes, String> {
+    pub(crate) async fn call(&self, method: &str, params: &Value) -> Result<Bytes, CallFailed> {
         let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = rpc::request(pid, method, params);
         self.call_body(pid, Bytes::from(body)).await
@@ -242,27 +256,27 @@ impl Link {
         &self,
         client_body: &[u8],
         id_span: (usize, usize),
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, CallFailed> {
         let pid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = envelope::splice(client_body, id_span, pid.to_string().as_bytes());
         self.call_body(pid, Bytes::from(body)).await
     }
 
-    async fn call_body(&self, pid: u64, body: Bytes) -> Result<Bytes, String> {
+    async fn call_body(&self, pid: u64, body: Bytes) -> Result<Bytes, CallFailed> {
         let (tx, rx) = oneshot::channel();
         {
             let mut inner = self.lock();
             if let Some(why) = &inner.dead {
-                return Err(why.clone());
+                return Err(CallFailed::Ended(why.clone()));
             }
             inner.pending.insert(pid, Pending::Internal(tx));
         }
+        let closed = || CallFailed::Closed(self.backend.name.clone());
         if self.tx.send(LinkMsg::Raw(body)).await.is_err() {
             self.lock().pending.remove(&pid);
-            return Err(format!("link to backend {} closed", self.backend.name));
+            return Err(closed());
         }
-        rx.await
-            .unwrap_or_else(|_| Err(format!("link to backend {} closed", self.backend.name)))
+        rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
     /// Marks the link dead and settles everything it owed: queued requests that never reached
@@ -274,9 +288,10 @@ impl Link {
             LinkEnd::ConnectFailed(e) => format!("cannot reach backend {}: {e}", self.backend.name),
             LinkEnd::Broken(e) => format!("connection to backend {} lost: {e}", self.backend.name),
         };
+        let shared_reason: Arc<str> = reason.as_str().into();
         let pending = {
             let mut inner = self.lock();
-            inner.dead = Some(reason.clone());
+            inner.dead = Some(shared_reason.clone());
             std::mem::take(&mut inner.pending)
         };
         let mut pending = pending;
@@ -291,7 +306,7 @@ impl Link {
         for (_, p) in pending {
             match p {
                 Pending::Internal(tx) => {
-                    let _ = tx.send(Err(reason.clone()));
+                    let _ = tx.send(Err(CallFailed::Ended(shared_reason.clone())));
                 }
                 // The writer takes the body as it writes; one still holding it never left.
                 Pending::Client(req) if !req.body.is_empty() => unsent.push(req),
@@ -470,17 +485,19 @@ async fn oversized_reply<O: LinkOwner>(
         return;
     };
     let pending = link.lock().pending.remove(&pid);
-    let msg = format!("the backend's reply of {len} bytes exceeds copilot-lb's limit of {limit} bytes (limits.max_frame_bytes) and was discarded");
+    let why = CallFailed::Oversized { len, limit };
     match pending {
         Some(Pending::Client(meta)) => {
             let data = rpc::data(
                 false,
                 serde_json::json!({"limit": limit, "length": len, "backend": link.backend.name}),
             );
-            owner.refuse(meta, rpc::FRAME_TOO_LARGE, msg, data).await;
+            owner
+                .refuse(meta, rpc::FRAME_TOO_LARGE, why.to_string(), data)
+                .await;
         }
         Some(Pending::Internal(tx)) => {
-            let _ = tx.send(Err(msg));
+            let _ = tx.send(Err(why));
         }
         None => {}
     }

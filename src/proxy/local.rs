@@ -7,6 +7,7 @@ use crate::envelope;
 use crate::route::Denial;
 use crate::rpc;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::warn;
 
@@ -18,14 +19,15 @@ impl ClientConn {
         let verdict = self.shared.auth().authenticate(token, self.identity());
         match verdict {
             Ok(tenant) => {
+                let telemetry = params
+                    .get("enableGitHubTelemetryForwarding")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.telemetry.store(telemetry, Ordering::Relaxed);
                 {
                     let mut who = self.who();
                     who.authenticated = true;
                     who.tenant = Some(tenant);
-                    who.telemetry = params
-                        .get("enableGitHubTelemetryForwarding")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false);
                 }
                 self.shared.metrics.request("local", "ok");
                 let version = self.shared.backend_version();

@@ -134,7 +134,7 @@ pub(crate) fn intake(body: Bytes, max_depth: usize) -> Intake {
                         return Intake::Refused {
                             req,
                             code: rpc::METHOD_NOT_FOUND,
-                            message: why,
+                            message: why.to_string(),
                             data,
                         };
                     }
