@@ -354,6 +354,9 @@ async fn a_create_lost_in_flight_can_be_retried_elsewhere() {
 async fn a_closing_client_is_not_held_by_its_links() {
     within(T, async {
         let fakes = fakes(1, false).await;
+        // Like the real CLI, the fake closes its side only after an asynchronous cleanup: the
+        // proxy's wait for that close must hold the backend socket only, never the client's.
+        fakes[0].set_cleanup_delay(Duration::from_secs(1));
         let (_run, addr) = proxy(config(&[fakes[0].addr()])).await;
         for i in 0..3 {
             let mut c = Client::connected(addr).await;

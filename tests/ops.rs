@@ -371,3 +371,72 @@ async fn admin_paths_are_percent_decoded() {
     })
     .await;
 }
+
+/// The log line for an oversized frame names the connection in `conn` and the frame's id in
+/// `request` (the code before the fix put the request id in `conn`, so a log search by
+/// connection found the wrong client's lines).
+#[tokio::test]
+async fn the_oversize_log_line_names_connection_and_request_apart() {
+    let f = fakes(1, false).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("lb.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{listen: 127.0.0.1:{port}}}]\nbackends: [{{address: {}}}]\nlimits: {{max_frame_bytes: 4096}}\nlog: {{format: json}}\n",
+            f[0].addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        TcpStream::connect(addr).is_ok()
+    });
+    assert!(up, "proxy did not start");
+    within(Duration::from_secs(20), async {
+        let mut c = Client::connected(addr).await;
+        let big = format!(
+            r#"{{"jsonrpc":"2.0","id":4242,"method":"ping","params":{{"message":"{}"}}}}"#,
+            "x".repeat(8192)
+        );
+        c.send_body(big.as_bytes()).await;
+        let r = c.response("4242").await;
+        assert_eq!(r.error_code(), Some(copilot_lb::rpc::FRAME_TOO_LARGE));
+    })
+    .await;
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let log = lines.join().unwrap();
+    let line = log
+        .iter()
+        .find(|l| l.contains("oversized frame refused"))
+        .unwrap_or_else(|| panic!("no oversize line in the log:\n{}", log.join("\n")));
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    let fields = &v["fields"];
+    assert_eq!(fields["request"], "4242", "{line}");
+    assert!(
+        fields["conn"].is_u64(),
+        "conn must be the connection number: {line}"
+    );
+}
