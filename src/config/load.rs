@@ -1,0 +1,296 @@
+//! Loading a config: YAML with line and column in every error, command-line overrides, the
+//! semantic checks, and reading backend tokens from the environment or files.
+
+use super::*;
+use serde_saphyr::Spanned;
+use std::collections::HashSet;
+
+impl Config {
+    /// Parses YAML text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Applies command-line overrides and validates again.
+    pub fn apply(mut self, o: &Overrides, origin: &str) -> Result<Config, ConfigError> {
+        if let (Some(l), Some(first)) = (&o.listen, self.listeners.first_mut()) {
+            // Keep the listener's mode and TLS; only its address changes.
+            first.listen = spanned(l.clone());
+        } else if let Some(l) = &o.listen {
+            self.listeners = vec![ListenerConfig {
+                name: Some("main".into()),
+                listen: spanned(l.clone()),
+                mode: ListenerMode::Jsonrpc,
+                tls: None,
+                upstream: None,
+                allow_non_loopback: false,
+            }];
+        }
+        if !o.backends.is_empty() {
+            self.backends = o
+                .backends
+                .iter()
+                .map(|a| BackendConfig {
+                    name: None,
+                    address: spanned(a.clone()),
+                    weight: 1.0,
+                    max_sessions: None,
+                    token_env: None,
+                    token_file: None,
+                    drain: false,
+                    tls: None,
+                })
+                .collect();
+        }
+        if let Some(a) = &o.admin {
+            let token_env = self.admin.take().and_then(|a| a.token_env);
+            self.admin = Some(AdminConfig {
+                listen: spanned(a.clone()),
+                token_env,
+            });
+        }
+        self.validate(origin)?;
+        Ok(self)
+    }
+
+    /// Checks everything serde cannot: addresses, duplicates, ranges, token sources.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let at = |s: &Spanned<String>| {
+            let l = s.referenced;
+            if l == serde_saphyr::Location::UNKNOWN {
+                "command line".to_string()
+            } else {
+                format!("line {}, column {}", l.line(), l.column())
+            }
+        };
+        for l in &self.listeners {
+            if let Err(e) = check_addr(&l.listen.value) {
+                problems.push(format!("{}: listeners[].listen {e}", at(&l.listen)));
+            }
+            let w = at(&l.listen);
+            match l.mode {
+                ListenerMode::Tcp => match &l.upstream {
+                    None => problems.push(format!(
+                        "{w}: a tcp (sidecar) listener needs upstream.address"
+                    )),
+                    Some(u) => {
+                        if let Err(e) = check_addr(&u.address.value) {
+                            problems.push(format!("{}: upstream.address {e}", at(&u.address)));
+                        }
+                        if !l.allow_non_loopback && !is_loopback(&l.listen.value) {
+                            problems.push(format!("{w}: a tcp (sidecar) listener forwards plain TCP; listen on 127.0.0.1 or ::1, or set allow_non_loopback: true"));
+                        }
+                    }
+                },
+                ListenerMode::Jsonrpc => {
+                    if l.upstream.is_some() {
+                        problems.push(format!("{w}: upstream is only for mode: tcp"));
+                    }
+                }
+            }
+            if let Some(t) = &l.tls {
+                if t.client_auth != ClientAuth::None && t.client_ca.is_none() {
+                    problems.push(format!(
+                        "{w}: tls.client_auth {:?} needs tls.client_ca",
+                        t.client_auth
+                    ));
+                }
+            }
+        }
+        let mut tenant_names = HashSet::new();
+        for t in &self.tenants {
+            let w = at(&t.name);
+            if !tenant_names.insert(t.name.value.clone()) {
+                problems.push(format!("{w}: duplicate tenant name {:?}", t.name.value));
+            }
+            if t.token_hashes.is_empty() && t.identities.is_empty() {
+                problems.push(format!(
+                    "{w}: tenant {:?} needs token_hashes and/or identities",
+                    t.name.value
+                ));
+            }
+            for h in &t.token_hashes {
+                let ok = h
+                    .strip_prefix("sha256:")
+                    .is_some_and(|x| x.len() == 64 && x.bytes().all(|b| b.is_ascii_hexdigit()));
+                if !ok {
+                    problems.push(format!("{w}: tenant {:?}: token hash {h:?} is not sha256:<64 hex> (use `copilot-lb hash-token`; plaintext tokens never go in YAML)", t.name.value));
+                }
+            }
+            for b in &t.backends {
+                if !self.backends.iter().any(|x| x.name() == b) {
+                    problems.push(format!(
+                        "{w}: tenant {:?} names unknown backend {b:?}",
+                        t.name.value
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &self.admin {
+            if let Err(e) = check_addr(&a.listen.value) {
+                problems.push(format!("{}: admin.listen {e}", at(&a.listen)));
+            }
+        }
+        let mut names = HashSet::new();
+        for b in &self.backends {
+            if let Err(e) = check_addr(&b.address.value) {
+                problems.push(format!("{}: backends[].address {e}", at(&b.address)));
+            }
+            let where_name = b.name.as_ref().map(&at).unwrap_or_else(|| at(&b.address));
+            if b.name().is_empty() {
+                problems.push(format!("{where_name}: backend name must not be empty"));
+            }
+            if !names.insert(b.name().to_string()) {
+                problems.push(format!(
+                    "{where_name}: duplicate backend name {:?} (names are the hashing key and must be unique)",
+                    b.name()
+                ));
+            }
+            if !(b.weight.is_finite() && b.weight > 0.0) {
+                problems.push(format!(
+                    "{}: backend {:?}: weight must be > 0",
+                    at(&b.address),
+                    b.name()
+                ));
+            }
+            if b.token_env.is_some() && b.token_file.is_some() {
+                problems.push(format!(
+                    "{}: backend {:?}: set token_env or token_file, not both",
+                    at(&b.address),
+                    b.name()
+                ));
+            }
+            if b.max_sessions == Some(0) {
+                problems.push(format!(
+                    "{}: backend {:?}: max_sessions must be >= 1",
+                    at(&b.address),
+                    b.name()
+                ));
+            }
+        }
+        if !(self.balancing.bounded_load.is_finite() && self.balancing.bounded_load >= 1.0) {
+            problems.push(format!(
+                "balancing.bounded_load must be >= 1.0 (got {})",
+                self.balancing.bounded_load
+            ));
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            problems.push("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if self.limits.max_header_bytes < 64 {
+            problems.push("limits.max_header_bytes must be at least 64".into());
+        }
+        if self.limits.max_connections == 0 {
+            problems.push("limits.max_connections must be at least 1".into());
+        }
+        if self.sessions.policy() == FailoverPolicy::Reassign && !self.sessions.shared_storage {
+            problems.push("sessions.failover: reassign needs sessions.shared_storage: true (a session cannot be resumed on a backend that cannot read its state)".into());
+        }
+        if self.limits.max_queued_reply_bytes == 0
+            || self.limits.max_queued_reply_bytes > u32::MAX as usize
+        {
+            problems.push("limits.max_queued_reply_bytes must be between 1 and 4294967295".into());
+        }
+        if self.health.rise == 0 || self.health.fall == 0 {
+            problems.push("health.rise and health.fall must be at least 1".into());
+        }
+        if self.health.interval.0.is_zero() || self.health.timeout.0.is_zero() {
+            problems.push("health.interval and health.timeout must be positive".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Reads every backend's connection token from its env var or file.
+    pub fn backend_token(b: &BackendConfig) -> Result<Option<String>, TokenError> {
+        let backend = b.name().to_string();
+        if let Some(var) = &b.token_env {
+            return match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                Ok(_) => Err(TokenError::EnvEmpty {
+                    backend,
+                    var: var.clone(),
+                }),
+                Err(_) => Err(TokenError::EnvUnset {
+                    backend,
+                    var: var.clone(),
+                }),
+            };
+        }
+        if let Some(path) = &b.token_file {
+            return match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                Ok(_) => Err(TokenError::FileEmpty {
+                    backend,
+                    path: path.clone(),
+                }),
+                Err(source) => Err(TokenError::FileUnreadable {
+                    backend,
+                    path: path.clone(),
+                    source,
+                }),
+            };
+        }
+        Ok(None)
+    }
+}
+
+/// A backend's connection token could not be read. The token itself never appears here.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// `token_env` names a variable that is not set.
+    #[error("backend {backend:?}: environment variable {var} is not set")]
+    EnvUnset {
+        /// Backend name.
+        backend: String,
+        /// The variable.
+        var: String,
+    },
+    /// `token_env` names a variable that is empty.
+    #[error("backend {backend:?}: environment variable {var} is empty")]
+    EnvEmpty {
+        /// Backend name.
+        backend: String,
+        /// The variable.
+        var: String,
+    },
+    /// `token_file` is empty.
+    #[error("backend {backend:?}: token file {} is empty", path.display())]
+    FileEmpty {
+        /// Backend name.
+        backend: String,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// `token_file` cannot be read.
+    #[error("backend {backend:?}: cannot read token file {}: {source}", path.display())]
+    FileUnreadable {
+        /// Backend name.
+        backend: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
