@@ -66,6 +66,42 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> String {
     out
 }
 
+/// A copilot-lb process on `cfg` whose stderr (the log) is collected line by line.
+struct Logged {
+    child: std::process::Child,
+    lines: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Logged {
+    fn start(cfg: &std::path::Path, level: &str) -> Logged {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", level)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        Logged { child, lines }
+    }
+
+    /// Stops the process (SIGTERM) and returns its log.
+    fn finish(mut self) -> Vec<String> {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        self.lines.join().unwrap()
+    }
+}
+
 #[tokio::test]
 async fn secrets_never_reach_logs_metrics_or_admin_output() {
     let f = fakes(1, false).await;
@@ -91,22 +127,7 @@ async fn secrets_never_reach_logs_metrics_or_admin_output() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    let proxy = Logged::start(&cfg, "trace");
     let addr: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
     let mut up = false;
     for _ in 0..100 {
@@ -148,9 +169,7 @@ async fn secrets_never_reach_logs_metrics_or_admin_output() {
         "admin should list the session: {}",
         outputs[1]
     );
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
-    let log = lines.join().unwrap();
+    let log = proxy.finish().join("\n");
     assert!(
         log.contains("session created"),
         "trace log looks empty:\n{log}"
@@ -393,21 +412,7 @@ async fn the_oversize_log_line_names_connection_and_request_apart() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let proxy = Logged::start(&cfg, "info");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let up = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
@@ -425,9 +430,7 @@ async fn the_oversize_log_line_names_connection_and_request_apart() {
         assert_eq!(r.error_code(), Some(copilot_lb::rpc::FRAME_TOO_LARGE));
     })
     .await;
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
-    let log = lines.join().unwrap();
+    let log = proxy.finish();
     let line = log
         .iter()
         .find(|l| l.contains("oversized frame refused"))
