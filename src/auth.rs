@@ -25,6 +25,8 @@ pub struct Tenant {
     pub session_patterns: Vec<String>,
     /// Cap on its live sessions.
     pub max_sessions: Option<u64>,
+    /// It may adopt session ids the proxy has no record of.
+    pub adopt_unknown: bool,
     /// Backends allowed to serve it; empty means all.
     pub backends: Vec<String>,
     /// Delete its sessions this long after creation.
@@ -40,15 +42,23 @@ impl Tenant {
             name: "default".into(),
             session_patterns: Vec::new(),
             max_sessions: None,
+            // The only tenant of an open proxy: there is nobody else an id could belong to.
+            adopt_unknown: true,
             backends: Vec::new(),
             max_session_age: None,
             max_idle: None,
         }
     }
 
-    /// Whether a session id unknown to the proxy may be adopted by this tenant.
+    /// Whether an id matches the tenant's `session_patterns` (any id when there are none).
     pub fn may_claim(&self, sid: &str) -> bool {
         self.session_patterns.is_empty() || self.session_patterns.iter().any(|p| glob(p, sid))
+    }
+
+    /// Whether a session id the proxy has no record of may become this tenant's: only with
+    /// `adopt_unknown`, and within its patterns. Otherwise an unknown id belongs to nobody.
+    pub fn may_adopt(&self, sid: &str) -> bool {
+        self.adopt_unknown && self.may_claim(sid)
     }
 
     /// Whether this tenant may create a session with this id.
@@ -126,6 +136,7 @@ impl Auth {
                     name: t.name.value.clone(),
                     session_patterns: t.session_patterns.clone(),
                     max_sessions: t.max_sessions,
+                    adopt_unknown: t.adopt_unknown,
                     backends: t.backends.clone(),
                     max_session_age: t.max_session_age.map(|m| m.0).or(age),
                     max_idle: t.max_idle.map(|m| m.0).or(idle),

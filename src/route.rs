@@ -171,6 +171,23 @@ pub(crate) fn special(
     }
 }
 
+/// Whether the CLI would resolve `sid` to some other session's id. It takes "a session id or
+/// a unique prefix" for UUID ids, in any case, so a UUID-shaped prefix of 7 or more characters,
+/// or a whole UUID not in lower case, names whichever session it happens to match: never
+/// forwarded, so ownership is always checked on the id the CLI will use.
+pub(crate) fn uuid_alias(sid: &str) -> bool {
+    const SHAPE: &[u8] = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+    let b = sid.as_bytes();
+    if b.len() < 7 || b.len() > SHAPE.len() {
+        return false;
+    }
+    let fits = b.iter().zip(SHAPE).all(|(c, t)| match t {
+        b'-' => *c == b'-',
+        _ => c.is_ascii_hexdigit(),
+    });
+    fits && (b.len() < SHAPE.len() || b.iter().any(u8::is_ascii_uppercase))
+}
+
 /// Decides the route for a client request.
 pub(crate) fn classify(method: &str, has_session_id: bool) -> Route {
     match method {
@@ -220,6 +237,30 @@ pub(crate) fn class_label(r: Route) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuid_prefixes_and_case_variants_are_aliases() {
+        let id = "3f2a9c4e-1b7d-4e6f-9a2b-5c8d7e6f1a2b";
+        assert!(!uuid_alias(id));
+        for alias in [&id[..7], &id[..8], &id[..9], &id[..20], &id[..35]] {
+            assert!(uuid_alias(alias), "{alias}");
+        }
+        assert!(uuid_alias(&id.to_uppercase()));
+        assert!(uuid_alias(&id[..8].to_uppercase()));
+        // Not a UUID's shape, or too short to be taken as a prefix.
+        for fine in [
+            "3f2a9c",
+            "df-42d88589-3-2",
+            "job-123",
+            "deadbeef-x",
+            "s1",
+            "",
+            "3f2a9c4e1b7d",
+        ] {
+            assert!(!uuid_alias(fine), "{fine}");
+        }
+        assert!(!uuid_alias(&format!("{id}0")));
+    }
 
     #[test]
     fn table() {

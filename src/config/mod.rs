@@ -228,9 +228,14 @@ pub struct TenantConfig {
     /// Session ids it may create (`*` wildcards); empty means any.
     #[serde(default)]
     pub session_patterns: Vec<String>,
-    /// Cap on its live sessions.
+    /// Cap on its live sessions (create, resume, open and attach all count).
     #[serde(default)]
     pub max_sessions: Option<u64>,
+    /// Whether it may take ownership of a session id the proxy has no record of (a migration
+    /// from a direct CLI, or sessions made before the proxy kept records). Off by default:
+    /// an unknown session belongs to nobody.
+    #[serde(default)]
+    pub adopt_unknown: bool,
     /// Delete its sessions this long after creation (off by default).
     #[serde(default)]
     pub max_session_age: Option<Millis>,

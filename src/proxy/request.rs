@@ -140,6 +140,14 @@ pub(crate) fn intake(body: Bytes, max_depth: usize) -> Intake {
                     }
                 }
             }
+            if let Some(sid) = req.session.as_deref().filter(|s| route::uuid_alias(s)) {
+                return Intake::Refused {
+                    message: format!("session id {sid:?} has the shape of a partial or upper-case UUID, which the CLI would resolve to whichever session it matches; send the session's full lower-case id"),
+                    data: rpc::data(false, json!({"sessionId": sid})),
+                    req,
+                    code: rpc::INVALID_PARAMS,
+                };
+            }
             if !params_ok && req.route != Route::Local {
                 return Intake::Refused {
                     message: format!("{}: params must be an object", req.method),

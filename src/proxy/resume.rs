@@ -35,6 +35,9 @@ impl ClientConn {
         if !self.check_owner(&req, &sid).await {
             return;
         }
+        if let Some((m, data)) = self.over_cap(&sid) {
+            return self.fail(&req, crate::rpc::SESSION_LIMIT, &m, data).await;
+        }
         // A client that just closed may still hold it in the CLI: follow its cleanup.
         self.shared.released(&sid, RELEASE_LIMIT).await;
         if let Some(p) = self.shared.sessions.get(&sid) {
@@ -54,6 +57,42 @@ impl ClientConn {
         // session's rendezvous order until one has it.
         let me = self.clone();
         self.spawn_for_request(async move { me.resume_probe(req, sid).await });
+    }
+
+    /// Whether making `sid` live on this connection would pass a cap (the tenant's or its
+    /// backend's `max_sessions`): a session this connection or another already has live adds
+    /// nothing; any other does, whichever method brings it back.
+    fn over_cap(&self, sid: &str) -> Option<(String, Value)> {
+        if self.members().get(sid).is_some() {
+            return None;
+        }
+        let placed = self.shared.sessions.get(sid);
+        if placed.as_ref().is_some_and(|p| p.live_conns > 0) {
+            return None;
+        }
+        let tenant = self.tenant();
+        if let Some(limit) = tenant.max_sessions {
+            if self.shared.sessions.live_owned_by(&tenant.name) >= limit {
+                let m = format!(
+                    "tenant {} already holds its maximum of {limit} live sessions",
+                    tenant.name
+                );
+                return Some((
+                    m,
+                    crate::rpc::data(true, serde_json::json!({"limit": limit})),
+                ));
+            }
+        }
+        let b = placed.and_then(|p| self.shared.pool.get(&p.backend))?;
+        let limit = b.max_sessions?;
+        (b.live_sessions() >= limit).then(|| {
+            let m = format!(
+                "backend {} already holds its maximum of {limit} live sessions",
+                b.name
+            );
+            let data = serde_json::json!({"limit": limit, "backend": b.name});
+            (m, crate::rpc::data(true, data))
+        })
     }
 
     async fn resume_probe(self: &Arc<Self>, req: ClientReq, sid: String) {

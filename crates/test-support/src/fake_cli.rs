@@ -171,6 +171,25 @@ impl Storage {
             });
     }
 
+    /// A copy of `from` (history included) under a fresh id, as `sessions.fork` does.
+    fn fork(&self, from: &str) -> Option<String> {
+        let mut all = self.lock();
+        let src = all.get(from)?.clone();
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_rfc3339();
+        all.insert(
+            id.clone(),
+            StoredSession {
+                id: id.clone(),
+                start_time: now.clone(),
+                modified_time: now,
+                holders: Vec::new(),
+                ..src
+            },
+        );
+        Some(id)
+    }
+
     fn set_held(&self, id: &str, holder: &str, held: bool) {
         if let Some(s) = self.lock().get_mut(id) {
             s.holders.retain(|h| h != holder);
@@ -739,6 +758,14 @@ impl Inner {
                 None => Ok(json!({"events": []})),
             },
             "session.list" => Ok(json!({"sessions": self.storage.listing()})),
+            // Like the CLI: a new session with the source's history, on this server.
+            "sessions.fork" => match sid.and_then(|s| self.storage.fork(&s)) {
+                Some(id) => Ok(json!({"sessionId": id})),
+                None => Err((
+                    -32603,
+                    "Request sessions.fork failed with message: Session not found".to_string(),
+                )),
+            },
             "session.delete" => Ok(self.delete(sid)),
             "session.detach" | "session.destroy" => {
                 if let Some(s) = &sid {

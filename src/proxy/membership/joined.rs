@@ -111,12 +111,12 @@ impl Membership {
     }
 }
 
-/// Whether `tenant` may use a session: its recorded owner decides (`owned`: `Some(mine)`),
-/// and an id the proxy has no record of only if the tenant may claim it.
+/// Whether `tenant` may use a session: its recorded owner decides (`owned`: `Some(mine)`);
+/// an id the proxy has no record of belongs to nobody, unless the tenant adopts unknown ids.
 pub(in crate::proxy) fn may_use(owned: Option<bool>, tenant: &Tenant, sid: &str) -> bool {
     match owned {
         Some(mine) => mine,
-        None => tenant.may_claim(sid),
+        None => tenant.may_adopt(sid),
     }
 }
 

@@ -93,6 +93,29 @@ impl ClientConn {
     }
 }
 
+impl ClientConn {
+    /// Records the session a `sessions.fork` reply names as the caller's, on the backend that
+    /// made it. `Err` with the id when that id already belongs to another tenant.
+    fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), String> {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let Some(new) = v.pointer("/result/sessionId").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let tenant = self.tenant();
+        match self
+            .shared
+            .sessions
+            .claim(new, &tenant.name, &link.backend.name)
+        {
+            crate::affinity::Claim::Foreign => Err(new.to_string()),
+            _ => {
+                info!(conn = self.id, session = %new, backend = %link.backend.name, "forked session recorded");
+                Ok(())
+            }
+        }
+    }
+}
+
 impl LinkOwner for ClientConn {
     fn conn_id(&self) -> u64 {
         self.id
@@ -110,6 +133,13 @@ impl LinkOwner for ClientConn {
         span: (usize, usize),
         is_error: bool,
     ) {
+        if meta.method == "sessions.fork" && !is_error {
+            if let Err(forged) = self.record_fork(link, body) {
+                let m = format!("the fork's new session {forged} belongs to another tenant");
+                let data = rpc::data(false, json!({"sessionId": forged}));
+                return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
+            }
+        }
         let out = envelope::splice(body, span, meta.id.get().as_bytes());
         if let Some(sid) = &meta.session {
             match meta.route {
