@@ -216,3 +216,42 @@ async fn a_fork_belongs_to_whoever_forked_it() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_reply_naming_another_tenants_session_is_not_delivered() {
+    within(T, async {
+        let (fake, _run, addr) = tenants(false).await;
+        let mut a = as_tenant(addr, "tok-a").await;
+        a.ok("session.create", json!({"sessionId": "victim-1"}))
+            .await;
+        let mut b = as_tenant(addr, "tok-b").await;
+        b.ok("session.create", json!({"sessionId": "b-1"})).await;
+        b.ok("session.detach", json!({"sessionId": "b-1"})).await;
+        // The CLI answers b's resume of its own id with a's session (as it does for a prefix).
+        fake.resolve_as("b-1", "victim-1");
+        let r = b.call("session.resume", json!({"sessionId": "b-1"})).await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        assert!(
+            !r.text().contains("startTime"),
+            "the reply leaked: {}",
+            r.text()
+        );
+        // The handle the CLI opened for b is closed again: only a's connection holds it.
+        assert!(
+            eventually(Duration::from_secs(5), || fake
+                .joined_connections("victim-1")
+                == 1)
+            .await,
+            "b's link still holds a's session ({} connections)",
+            fake.joined_connections("victim-1")
+        );
+        let r = b
+            .call(
+                "session.send",
+                json!({"sessionId": "victim-1", "prompt": "x"}),
+            )
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+    })
+    .await;
+}

@@ -120,11 +120,21 @@ impl ClientConn {
                 }
                 break;
             }
+            // The session the CLI opened, which is the one asked for unless it resolved the
+            // id to another; that one must be the caller's too, or nobody's yet.
+            let named = super::upstream::reply_session(&reply).unwrap_or_else(|| sid.clone());
             let tenant = self.tenant();
-            if self.shared.sessions.claim(&sid, &tenant.name, &b.name) == Claim::Foreign {
-                return self.foreign(&req, &sid).await;
+            let claim = self.shared.sessions.claim(&named, &tenant.name, &b.name);
+            if claim == Claim::Foreign {
+                let params = serde_json::json!({"sessionId": named});
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    link.call("session.detach", &params),
+                )
+                .await;
+                return self.foreign(&req, &named).await;
             }
-            self.join_as(&sid, &b.name, &req);
+            self.join_as(&named, &b.name, &req);
             self.deliver(&req, &reply, true).await;
             return;
         }

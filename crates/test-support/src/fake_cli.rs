@@ -269,6 +269,9 @@ struct Inner {
     refusing: AtomicBool,
     /// Milliseconds between a client's close and the release of its sessions.
     cleanup_delay_ms: AtomicU64,
+    /// `session.resume` of the key opens the value instead (the CLI's prefix resolution, or a
+    /// misbehaving CLI, from the proxy's point of view).
+    aliases: Mutex<HashMap<String, String>>,
     generation: Mutex<CancellationToken>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -314,6 +317,7 @@ impl FakeCli {
             stalled: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             cleanup_delay_ms: AtomicU64::new(0),
+            aliases: Mutex::new(HashMap::new()),
             generation: Mutex::new(CancellationToken::new()),
             acceptor: Mutex::new(None),
         });
@@ -431,6 +435,12 @@ impl FakeCli {
         self.inner
             .cleanup_delay_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// From now on `session.resume {sessionId: asked}` opens and answers `actual`, as the real
+    /// CLI does for an id that is a unique prefix of another.
+    pub fn resolve_as(&self, asked: &str, actual: &str) {
+        lock(&self.inner.aliases).insert(asked.to_string(), actual.to_string());
     }
 
     /// While on, every accepted connection is closed at once.
@@ -751,7 +761,10 @@ impl Inner {
                 Ok(json!({"version": self.version, "protocolVersion": PROTOCOL_VERSION}))
             }
             "session.create" => Ok(self.create(conn, sid)),
-            "session.resume" => self.resume(conn, sid).await,
+            "session.resume" => {
+                let sid = sid.map(|s| lock(&self.aliases).get(&s).cloned().unwrap_or(s));
+                self.resume(conn, sid).await
+            }
             "session.send" => self.send(sid, &params).await,
             "session.getMessages" => match sid.and_then(|s| self.storage.get(&s)) {
                 Some(s) => Ok(json!({"events": s.history})),

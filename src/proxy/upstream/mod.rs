@@ -93,7 +93,55 @@ impl ClientConn {
     }
 }
 
+/// The `result.sessionId` of a reply, if it has one.
+pub(super) fn reply_session(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/result/sessionId")?.as_str().map(str::to_string)
+}
+
 impl ClientConn {
+    /// A create or resume of `asked` was answered with another session, `named`: the CLI
+    /// resolved the id to a different session. If `named` is the caller's (or nobody's yet)
+    /// it is recorded and joined as the caller's; if it is another tenant's the reply is not
+    /// delivered, the handle the CLI opened for this link is closed, and `Err` says why.
+    pub(super) fn adopt_reply_session(
+        &self,
+        link: &Arc<Link>,
+        asked: &str,
+        named: &str,
+        meta: &ClientReq,
+    ) -> Result<(), String> {
+        let tenant = self.tenant();
+        let claim = self
+            .shared
+            .sessions
+            .claim(named, &tenant.name, &link.backend.name);
+        if meta.route == Route::Create && meta.fresh {
+            self.forget_failed_create(asked);
+        } else {
+            self.unjoin(asked);
+        }
+        if claim == crate::affinity::Claim::Foreign {
+            tracing::warn!(conn = self.id, asked, named, backend = %link.backend.name, "backend answered with another tenant's session; reply withheld and the handle closed");
+            let link = link.clone();
+            let sid = named.to_string();
+            tokio::spawn(async move {
+                let params = json!({"sessionId": sid});
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    link.call("session.detach", &params),
+                )
+                .await;
+            });
+            return Err(format!(
+                "{} of {asked} was answered with session {named}, which belongs to another tenant",
+                meta.method
+            ));
+        }
+        self.join_as(named, &link.backend.name, meta);
+        Ok(())
+    }
+
     /// Records the session a `sessions.fork` reply names as the caller's, on the backend that
     /// made it. `Err` with the id when that id already belongs to another tenant.
     fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), String> {
@@ -138,6 +186,16 @@ impl LinkOwner for ClientConn {
                 let m = format!("the fork's new session {forged} belongs to another tenant");
                 let data = rpc::data(false, json!({"sessionId": forged}));
                 return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
+            }
+        }
+        if matches!(meta.route, Route::Create | Route::Resume) && !is_error {
+            if let (Some(asked), Some(named)) = (&meta.session, reply_session(body)) {
+                if named != *asked {
+                    if let Err(m) = self.adopt_reply_session(link, asked, &named, &meta) {
+                        let data = rpc::data(false, json!({"sessionId": named}));
+                        return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
+                    }
+                }
             }
         }
         let out = envelope::splice(body, span, meta.id.get().as_bytes());
