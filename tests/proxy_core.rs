@@ -408,7 +408,9 @@ async fn connect_and_ping_are_local_and_dangerous_methods_never_reach_backends()
         for f in &live {
             assert_eq!(f.requests("runtime.shutdown"), 0);
             assert_eq!(f.requests("sessionFs.setProvider"), 0);
-            assert!(f.requests("ping") >= 1, "health probes ping");
+            // The first probe may still be under way on a busy machine: wait for it.
+            let probed = eventually(Duration::from_secs(5), || f.requests("ping") >= 1).await;
+            assert!(probed, "health probes ping");
         }
     })
     .await;
