@@ -44,14 +44,8 @@ impl ClientConn {
                 .await;
             return None;
         }
-        if let Some(limit) = tenant.max_sessions {
-            let live = self.shared.sessions.live_owned_by(&tenant.name);
-            if live >= limit && self.shared.sessions.get(&sid).is_none() {
-                let m = format!(
-                    "tenant {} already holds its maximum of {limit} live sessions",
-                    tenant.name
-                );
-                let data = rpc::data(true, json!({"limit": limit}));
+        if self.shared.sessions.get(&sid).is_none() {
+            if let Some((m, data)) = self.tenant_over_cap(&tenant) {
                 self.fail(req, rpc::SESSION_LIMIT, &m, data).await;
                 return None;
             }
@@ -62,7 +56,7 @@ impl ClientConn {
                 .pool
                 .place(&sid, |b| tenant.allows_backend(b), &req.avoid, bounded);
         let Some(backend) = placed else {
-            self.no_backend_for(req).await;
+            self.no_backend(req).await;
             return None;
         };
         let backend = match self
@@ -77,7 +71,7 @@ impl ClientConn {
             Claim::Existing(name) => match self.shared.pool.get(&name) {
                 Some(b) => b,
                 None => {
-                    self.no_backend_for(req).await;
+                    self.no_backend(req).await;
                     return None;
                 }
             },
@@ -90,16 +84,6 @@ impl ClientConn {
         // session (lifecycle) before it replies.
         self.join_as(&sid, &backend.name, req);
         Some(backend)
-    }
-
-    async fn no_backend_for(&self, req: &ClientReq) {
-        self.fail(
-            req,
-            rpc::BACKEND_UNAVAILABLE,
-            "no Copilot CLI backend is available (all are down or draining)",
-            rpc::data(true, json!({})),
-        )
-        .await;
     }
 }
 

@@ -90,7 +90,7 @@ impl ClientConn {
             .cloned()
             .collect();
         if targets.is_empty() {
-            return self.no_backend(req).await;
+            return self.no_backend(&req).await;
         }
         // session.getLastId is answered from the merged list; its own params don't apply.
         let (body, span) = if req.route == Route::LastId {

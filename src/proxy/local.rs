@@ -66,14 +66,26 @@ impl ClientConn {
     }
 
     /// No backend can take the request.
-    pub(super) async fn no_backend(&self, req: ClientReq) {
+    pub(super) async fn no_backend(&self, req: &ClientReq) {
         self.fail(
-            &req,
+            req,
             rpc::BACKEND_UNAVAILABLE,
             "no Copilot CLI backend is available (all are down or draining)",
             rpc::data(true, json!({})),
         )
         .await;
+    }
+
+    /// The tenant's `max_sessions` refusal, if one more live session would pass it.
+    pub(super) fn tenant_over_cap(&self, tenant: &crate::auth::Tenant) -> Option<(String, Value)> {
+        let limit = tenant.max_sessions?;
+        (self.shared.sessions.live_owned_by(&tenant.name) >= limit).then(|| {
+            let m = format!(
+                "tenant {} already holds its maximum of {limit} live sessions",
+                tenant.name
+            );
+            (m, rpc::data(true, json!({"limit": limit})))
+        })
     }
 
     /// A call on a session owned by another tenant (or unknown and not claimable).

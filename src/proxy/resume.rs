@@ -70,18 +70,8 @@ impl ClientConn {
         if placed.as_ref().is_some_and(|p| p.live_conns > 0) {
             return None;
         }
-        let tenant = self.tenant();
-        if let Some(limit) = tenant.max_sessions {
-            if self.shared.sessions.live_owned_by(&tenant.name) >= limit {
-                let m = format!(
-                    "tenant {} already holds its maximum of {limit} live sessions",
-                    tenant.name
-                );
-                return Some((
-                    m,
-                    crate::rpc::data(true, serde_json::json!({"limit": limit})),
-                ));
-            }
+        if let Some(refusal) = self.tenant_over_cap(&self.tenant()) {
+            return Some(refusal);
         }
         let b = placed.and_then(|p| self.shared.pool.get(&p.backend))?;
         let limit = b.max_sessions?;
@@ -140,7 +130,7 @@ impl ClientConn {
         }
         match last {
             Some(reply) => self.deliver(&req, &reply, false).await,
-            None => self.no_backend(req).await,
+            None => self.no_backend(&req).await,
         }
     }
 

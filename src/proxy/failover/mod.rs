@@ -64,7 +64,7 @@ impl ClientConn {
                         .filter(|b| b.name != failed.name)
                     {
                         Some(b) => b,
-                        None => return self.no_backend(req).await,
+                        None => return self.no_backend(&req).await,
                     }
                 }
                 AfterFailure::Fail => {
@@ -227,6 +227,15 @@ impl ClientConn {
                             Err(RejoinError::Unreachable(e)) => {
                                 debug!(conn = self.id, session = %sid, backend = %b.name, error = %e, "rejoin could not reach the backend");
                                 unreachable.push(b.name.clone());
+                                if Instant::now() >= deadline {
+                                    return Err(plan::out_of_time(sid));
+                                }
+                                // Health normally records the failure first (then the next pass
+                                // waits for a verdict); if a probe cleared it meanwhile, pause
+                                // instead of redialling at once.
+                                if !b.failing() {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
                                 continue;
                             }
                             Err(RejoinError::Refused(e)) => return Err(Refusal {

@@ -102,7 +102,7 @@ pub(in crate::proxy) enum Plan {
     Lost { from: String, refusal: Refusal },
 }
 
-fn out_of_time(sid: &str) -> Refusal {
+pub(in crate::proxy) fn out_of_time(sid: &str) -> Refusal {
     Refusal {
         code: rpc::BACKEND_UNAVAILABLE,
         message: format!("session {sid}: no backend could take it in time; the request was not processed and may be retried"),

@@ -64,7 +64,7 @@ impl ClientConn {
     pub(super) async fn global(self: &Arc<Self>, req: ClientReq) {
         match self.shared.pool.first_serving(&format!("conn-{}", self.id)) {
             Some(b) => self.send(b, req).await,
-            None => self.no_backend(req).await,
+            None => self.no_backend(&req).await,
         }
     }
 
