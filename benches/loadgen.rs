@@ -195,10 +195,15 @@ fn spawn_lb(
         .ok()
         .filter(|b| !b.is_empty() && (name == "copilot-lb" || name == "copilot-lb-mtls"))
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_copilot-lb").into());
+    // Its own working directory: the default embedded registry file lives there, and an older
+    // build (LG_LB_BIN) may not know `--state-path`.
+    let cwd = dir.join(format!("{name}.run"));
+    std::fs::create_dir_all(&cwd).unwrap();
     let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&cfg)
+        .current_dir(&cwd)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -14,6 +14,11 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "test dependencies (redis-server)"
+bash scripts/install-test-deps.sh
+# In-process test proxies each get an embedded registry file here (tests/common).
+rm -rf "${TMPDIR:-/tmp}/copilot-lb-test-state"
+
 step "cargo test (unit, property, integration)"
 cargo test --workspace --all-targets
 

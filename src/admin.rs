@@ -209,9 +209,17 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     "text/plain",
                 )
             } else if up > 0 {
+                // A registry outage does not make a replica unready: the sessions it knows
+                // keep working, and every replica shares the outage. It is said, not hidden.
+                let r = shared.sessions.status();
+                let registry = if r.up {
+                    String::new()
+                } else {
+                    format!("; session registry ({}) unavailable: sessions this replica does not know are refused (retryable)", r.kind)
+                };
                 text(
                     StatusCode::OK,
-                    format!("ready: {up} backend(s) up\n"),
+                    format!("ready: {up} backend(s) up{registry}\n"),
                     "text/plain",
                 )
             } else {
@@ -227,6 +235,9 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             shared.render_metrics(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        (&Method::GET, ["api", "registry"]) => {
+            json_resp(StatusCode::OK, json!(shared.sessions.status()))
+        }
         (&Method::GET, ["api", "backends"]) => {
             let list: Vec<_> = shared.pool.all().iter().map(|b| backend_json(b)).collect();
             json_resp(StatusCode::OK, json!({ "backends": list }))
@@ -266,6 +277,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                         "idle_s": p.last_seen.elapsed().as_secs(),
                         "live_connections": p.live_conns,
                         "failovers": p.moves,
+                        "epoch": p.epoch,
                     })
                 })
                 .collect();
@@ -293,7 +305,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => json_resp(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no route for {} {path}", req.method()),
-                   "routes": ["GET /livez", "GET /readyz", "GET /metrics", "GET /api/backends",
+                   "routes": ["GET /livez", "GET /readyz", "GET /metrics", "GET /api/registry", "GET /api/backends",
                               "POST /api/backends/{name}/drain", "POST /api/backends/{name}/undrain",
                               "GET /api/sessions?offset=&limit=", "DELETE /api/sessions/{id}", "POST /api/reload"]}),
         ),

@@ -22,6 +22,8 @@ pub struct Placement {
     pub live_conns: u32,
     /// Times it was moved by failover.
     pub moves: u32,
+    /// The registry record's epoch this placement reflects (moves raise it).
+    pub epoch: u64,
 }
 
 /// Outcome of trying to claim a session id for a tenant.
@@ -75,6 +77,7 @@ impl SessionTable {
                     last_seen: Instant::now(),
                     live_conns: 0,
                     moves: 0,
+                    epoch: 1,
                 });
                 Claim::New
             }
@@ -119,11 +122,6 @@ impl SessionTable {
         Some(mine)
     }
 
-    /// Whether `tenant` owns the session (`None`: unknown).
-    pub fn owned_by(&self, id: &str, tenant: &str) -> Option<bool> {
-        self.map.get(id).map(|p| p.owner == tenant)
-    }
-
     /// Forgets a session (deleted, or a create that failed).
     pub fn remove(&self, id: &str, pool: &Pool) -> Option<Placement> {
         let (_, p) = self.map.remove(id)?;
@@ -150,8 +148,80 @@ impl SessionTable {
             }
             p.backend = to.to_string();
             p.moves += 1;
+            p.epoch += 1;
         }
         Some(p.backend.clone())
+    }
+
+    /// Takes in what the registry holds for `id`: a new entry, or a newer epoch of a known one
+    /// (moved by another replica); an older epoch changes nothing. Returns the entry as it is.
+    pub fn learn(
+        &self,
+        id: &str,
+        owner: &str,
+        backend: &str,
+        epoch: u64,
+        created: SystemTime,
+        pool: &Pool,
+    ) -> Placement {
+        match self.map.entry(id.to_string()) {
+            Entry::Occupied(mut e) => {
+                let p = e.get_mut();
+                if epoch > p.epoch {
+                    if p.backend != backend {
+                        p.moves += 1;
+                    }
+                    if p.live_conns > 0 && p.backend != backend {
+                        if let Some(b) = pool.get(&p.backend) {
+                            b.session_ended();
+                        }
+                        if let Some(b) = pool.get(backend) {
+                            b.session_started();
+                        }
+                    }
+                    p.backend = backend.to_string();
+                    p.owner = owner.to_string();
+                    p.epoch = epoch;
+                }
+                p.clone()
+            }
+            Entry::Vacant(v) => v
+                .insert(Placement {
+                    backend: backend.to_string(),
+                    owner: owner.to_string(),
+                    created,
+                    last_seen: Instant::now(),
+                    live_conns: 0,
+                    moves: 0,
+                    epoch,
+                })
+                .clone(),
+        }
+    }
+
+    /// Overrides the cached owner and placement of `id` with the registry's (which differed
+    /// from this replica's belief: another replica moved it, or re-asserted it first after
+    /// the store lost its data). Unknown ids are left alone.
+    pub fn replace(&self, id: &str, owner: &str, backend: &str, epoch: u64, pool: &Pool) {
+        if let Some(mut p) = self.map.get_mut(id) {
+            if p.live_conns > 0 && p.backend != backend {
+                if let Some(b) = pool.get(&p.backend) {
+                    b.session_ended();
+                }
+                if let Some(b) = pool.get(backend) {
+                    b.session_started();
+                }
+            }
+            p.owner = owner.to_string();
+            p.backend = backend.to_string();
+            p.epoch = epoch;
+        }
+    }
+
+    /// Forgets `id` unless a client connection of this replica has it open (a cached entry
+    /// that may be stale is dropped; a live one is kept and re-checked by the next sync).
+    pub fn forget_idle(&self, id: &str) {
+        self.map.remove_if(id, |_, p| p.live_conns == 0);
     }
 
     /// Live sessions owned by `owner` (counted in place, nothing copied).

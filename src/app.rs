@@ -30,9 +30,9 @@ pub fn init_logging(cfg: &Config) {
 /// Start-up errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A backend could not be built (unreadable token source, TLS material).
+    /// A backend or the session registry could not be built.
     #[error("{0}")]
-    Backend(#[from] crate::backend::BackendError),
+    Build(#[from] crate::context::BuildError),
     /// The event loops could not be started.
     #[error("{0}")]
     Loops(crate::runtime::RuntimeError),
@@ -136,6 +136,14 @@ pub async fn start_on(
     if jsonrpc {
         tokio::spawn(crate::health::supervise(shared.clone()));
         tokio::spawn(crate::hygiene::reap(shared.clone()));
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let stop = s.shutdown.clone();
+            tokio::join!(
+                s.sessions.sync_loop(&s.pool, stop.clone()),
+                s.sessions.follow(&s.pool, stop)
+            );
+        });
     }
     let admin_addr = match admin {
         Some(l) => {

@@ -5,12 +5,12 @@
 //! It knows connections only through [`ClientHandle`], so it sits below the proxy in the
 //! import graph: the proxy, health, hygiene and admin all import it, it imports none of them.
 
-use crate::affinity::SessionTable;
 use crate::auth::Auth;
 use crate::backend::{BackendError, Pool};
 use crate::codec::Limits;
 use crate::config::{Config, Overrides};
 use crate::metrics::Metrics;
+use crate::registry::{OpenError, Registry};
 use crate::runtime::Loops;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -39,8 +39,8 @@ pub struct Shared {
     auth: ArcSwap<Auth>,
     /// The backends.
     pub pool: Pool,
-    /// Session affinity.
-    pub sessions: SessionTable,
+    /// The session registry (this replica's cache of it, and the store behind).
+    pub sessions: Registry,
     /// Metrics.
     pub metrics: Metrics,
     next_conn: AtomicU64,
@@ -82,17 +82,38 @@ pub enum ReloadError {
     Backend(#[from] BackendError),
 }
 
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A backend could not be built (unreadable token source, TLS material).
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    /// The session registry could not be opened.
+    #[error("{0}")]
+    Registry(#[from] OpenError),
+}
+
 impl Shared {
     /// Builds the shared state from a validated config; client connections are served on
     /// `loops` when given.
-    pub fn new(cfg: Config, loops: Option<Arc<Loops>>) -> Result<Arc<Shared>, BackendError> {
+    pub fn new(cfg: Config, loops: Option<Arc<Loops>>) -> Result<Arc<Shared>, BuildError> {
         let pool = Pool::new(&cfg)?;
+        // A sidecar-only process routes no sessions: it keeps no registry (and writes no file).
+        let routes_sessions = cfg
+            .listeners
+            .iter()
+            .any(|l| l.mode == crate::config::ListenerMode::Jsonrpc);
+        let sessions = if routes_sessions {
+            Registry::open(&cfg.state, &pool)?
+        } else {
+            Registry::memory()
+        };
         let auth = Auth::from_config(&cfg.tenants, &cfg.sessions);
         Ok(Arc::new(Shared {
             config: ArcSwap::from_pointee(cfg),
             auth: ArcSwap::from_pointee(auth),
             pool,
-            sessions: SessionTable::default(),
+            sessions,
             metrics: Metrics::new(),
             next_conn: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
@@ -200,8 +221,14 @@ impl Shared {
 
     /// The Prometheus text, with the backend gauges read now.
     pub fn render_metrics(&self) -> String {
+        let r = self.sessions.status();
+        let registry = crate::metrics::RegistryGauges {
+            up: r.up,
+            errors: r.errors,
+            cached: r.cached,
+        };
         self.metrics
-            .render(self.pool.all().iter().map(|b| b.gauges()))
+            .render(self.pool.all().iter().map(|b| b.gauges()), registry)
     }
 
     /// Remembers the file and flags to re-read on reload.

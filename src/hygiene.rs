@@ -82,7 +82,9 @@ pub(crate) async fn delete_session(
             error: err.to_string(),
         });
     }
-    shared.sessions.remove(sid, &shared.pool);
+    if let Err(e) = shared.sessions.remove(sid, &shared.pool).await {
+        warn!(session = %sid, error = %e, "deleted on its backend but still in the session registry");
+    }
     shared.metrics.session_deleted(match reason {
         "max_session_age" => "max_session_age",
         "max_idle" => "max_idle",

@@ -17,6 +17,7 @@ pub mod health;
 mod hygiene;
 mod metrics;
 mod proxy;
+mod registry;
 mod route;
 pub mod rpc;
 pub mod runtime;

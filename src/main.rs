@@ -33,6 +33,9 @@ enum Cmd {
         /// Admin API HOST:PORT.
         #[arg(long)]
         admin: Option<String>,
+        /// The embedded session registry's file (state.kind embedded; replaces state.path).
+        #[arg(long)]
+        state_path: Option<PathBuf>,
     },
     /// Validate a config file and explain any errors.
     CheckConfig {
@@ -66,11 +69,13 @@ fn main() -> Result<()> {
             listen,
             backends,
             admin,
+            state_path,
         } => {
             let o = Overrides {
                 listen,
                 backends,
                 admin,
+                state_path,
             };
             let flags_only = o.listen.is_some() || !o.backends.is_empty();
             let file = match path {

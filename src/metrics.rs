@@ -105,6 +105,14 @@ pub struct Metrics {
     passive_failures: Family<FailureLabels, Counter>,
     /// Sessions deleted by copilot-lb (hygiene limits or admin API), by reason.
     sessions_reaped: Family<ReasonLabels, Counter>,
+    /// Requests refused because the session registry could not answer.
+    registry_refusals: Counter,
+    /// Whether the session registry's last operation succeeded.
+    registry_up: Gauge,
+    /// Registry operations that failed or timed out (read from the registry at scrape).
+    registry_errors: Counter,
+    /// Sessions in this replica's registry cache.
+    registry_cached: Gauge,
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
     /// under a lock, on every frame.
     dirs: Vec<(&'static str, Counter, Counter)>,
@@ -122,6 +130,17 @@ pub struct BackendGauges {
     pub state: i64,
     /// Upstream links open.
     pub links: u64,
+}
+
+/// The session registry's state, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegistryGauges {
+    /// Whether its last operation succeeded.
+    pub up: bool,
+    /// Failed or timed-out operations since start.
+    pub errors: u64,
+    /// Sessions in the cache.
+    pub cached: usize,
 }
 
 const DIRECTIONS: [&str; 4] = ["client_in", "client_out", "backend_in", "backend_out"];
@@ -154,6 +173,10 @@ impl Metrics {
             probe_failures: Family::default(),
             passive_failures: Family::default(),
             sessions_reaped: Family::default(),
+            registry_refusals: Counter::default(),
+            registry_up: Gauge::default(),
+            registry_errors: Counter::default(),
+            registry_cached: Gauge::default(),
             registry: Registry::default(),
             dirs: Vec::new(),
         };
@@ -250,6 +273,26 @@ impl Metrics {
             "Sessions deleted by copilot-lb (max_session_age, max_idle, admin)",
             m.sessions_reaped.clone(),
         );
+        registry.register(
+            "registry_refusals",
+            "Requests refused (retryable) because the session registry could not answer",
+            m.registry_refusals.clone(),
+        );
+        registry.register(
+            "registry_up",
+            "Whether the session registry's last operation succeeded (1) or not (0)",
+            m.registry_up.clone(),
+        );
+        registry.register(
+            "registry_errors",
+            "Session registry operations that failed or timed out",
+            m.registry_errors.clone(),
+        );
+        registry.register(
+            "registry_cached_sessions",
+            "Sessions in this replica's cache of the registry",
+            m.registry_cached.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -337,6 +380,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request refused because the registry could not answer.
+    pub fn registry_refusal(&self) {
+        self.registry_refusals.inc();
+    }
+
     /// Counts a client connection opened.
     pub fn connection_opened(&self) {
         self.connections_total.inc();
@@ -349,7 +397,16 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text format, with the backend gauges as of now.
-    pub fn render(&self, backends: impl IntoIterator<Item = BackendGauges>) -> String {
+    pub fn render(
+        &self,
+        backends: impl IntoIterator<Item = BackendGauges>,
+        registry: RegistryGauges,
+    ) -> String {
+        self.registry_up.set(i64::from(registry.up));
+        self.registry_cached.set(registry.cached as i64);
+        self.registry_errors
+            .inner()
+            .store(registry.errors, std::sync::atomic::Ordering::Relaxed);
         // Rebuilt whole, so a backend removed by a reload leaves no stale series behind.
         self.sessions.clear();
         self.backend_state.clear();

@@ -21,9 +21,10 @@ async fn smoke() {
     let dir = tempfile::tempdir().unwrap();
     let tls = lg::mtls_pki(dir.path());
     let yaml = format!(
-        "listeners:\n  - listen: 127.0.0.1:0\n{}backends:\n  - address: {}\nlog: {{ level: warn }}\n",
+        "listeners:\n  - listen: 127.0.0.1:0\n{}backends:\n  - address: {}\nlog: {{ level: warn }}\nstate: {{ path: {} }}\n",
         lg::tls_listener_yaml(dir.path(), "127.0.0.1:0"),
-        fake.addr()
+        fake.addr(),
+        dir.path().join("state.redb").display()
     );
     let proxy = copilot_lb::app::start(Config::from_yaml(&yaml, "smoke").unwrap())
         .await

@@ -74,9 +74,12 @@ struct Logged {
 
 impl Logged {
     fn start(cfg: &std::path::Path, level: &str) -> Logged {
+        let state = cfg.with_extension("redb");
         let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
             .args(["serve", "--config"])
             .arg(cfg)
+            .arg("--state-path")
+            .arg(state)
             .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

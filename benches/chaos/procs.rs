@@ -90,10 +90,13 @@ pub fn spawn_lb(bin: &Path, body: &str, dir: &Path) -> std::io::Result<Lb> {
     let cfg = dir.join("copilot-lb.yaml");
     std::fs::write(&cfg, yaml)?;
     let log = dir.join("copilot-lb.log");
+    // The default embedded registry file lands in the working directory (an older build under
+    // comparison may not know `--state-path`).
     let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&cfg)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)

@@ -485,7 +485,10 @@ pub async fn run(o: Opts) -> std::io::Result<Report> {
     }
     drop(lb);
     drop(host);
-    let _ = std::fs::remove_dir_all(&dir);
+    // Kept when the run failed: its copilot-lb log says why.
+    if r.failed.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(r)
 }
 

@@ -63,6 +63,9 @@ impl Config {
                 token_env,
             });
         }
+        if let Some(p) = &o.state_path {
+            self.state.path = Some(p.clone());
+        }
         self.validate(origin)?;
         Ok(self)
     }
@@ -78,6 +81,7 @@ impl Config {
                 format!("line {}, column {}", l.line(), l.column())
             }
         };
+        problems.extend(self.state.problems());
         for l in &self.listeners {
             if let Err(e) = check_addr(&l.listen.value) {
                 problems.push(format!("{}: listeners[].listen {e}", at(&l.listen)));
@@ -293,4 +297,71 @@ pub enum TokenError {
         /// Cause.
         source: std::io::Error,
     },
+}
+
+impl super::StateConfig {
+    /// What is wrong with `state:` (settings that do not belong to its kind are refused, so a
+    /// typo'd kind never silently runs on another store).
+    fn problems(&self) -> Vec<String> {
+        use super::StateKind;
+        let mut p = Vec::new();
+        let redis_only = [
+            ("url", self.url.is_some()),
+            ("url_env", self.url_env.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("key_prefix", self.key_prefix.is_some()),
+        ];
+        let kind = match self.kind {
+            StateKind::Embedded => "embedded",
+            StateKind::Redis => "redis",
+            StateKind::Memory => "memory",
+        };
+        if self.kind != StateKind::Redis {
+            for (name, set) in redis_only {
+                if set {
+                    p.push(format!(
+                        "state.{name} is a redis setting, but state.kind is {kind}"
+                    ));
+                }
+            }
+        }
+        if self.kind != StateKind::Embedded && self.path.is_some() {
+            p.push(format!(
+                "state.path is an embedded setting, but state.kind is {kind}"
+            ));
+        }
+        if self.kind == StateKind::Redis {
+            match (&self.url, &self.url_env) {
+                (None, None) => p.push("state.kind redis needs url (or url_env)".into()),
+                (Some(_), Some(_)) => p.push("state: give url or url_env, not both".into()),
+                (Some(u), None) => {
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                        p.push("state.url must start with redis:// or rediss://".into());
+                    }
+                    // A password in the URL would reach logs and the admin API with it.
+                    if u.split_once("://")
+                        .map(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
+                        .unwrap_or(false)
+                    {
+                        p.push("state.url must not carry credentials; use password_env or password_file".into());
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+            if self.password_env.is_some() && self.password_file.is_some() {
+                p.push("state: give password_env or password_file, not both".into());
+            }
+        }
+        if self.timeout.is_some_and(|t| t.0.is_zero()) {
+            p.push("state.timeout must be more than 0".into());
+        }
+        if self
+            .sync_interval
+            .is_some_and(|t| t.0 < std::time::Duration::from_millis(100))
+        {
+            p.push("state.sync_interval must be at least 100ms".into());
+        }
+        p
+    }
 }

@@ -59,23 +59,28 @@ impl ClientConn {
             self.no_backend(req).await;
             return None;
         };
-        let backend = match self
+        let claim = self
             .shared
             .sessions
-            .claim(&sid, &tenant.name, &backend.name)
-        {
-            Claim::New => {
+            .claim(&sid, &tenant.name, &backend.name, &self.shared.pool)
+            .await;
+        let backend = match claim {
+            Err(e) => {
+                self.registry_down(req, &e).await;
+                return None;
+            }
+            Ok(Claim::New) => {
                 req.fresh = true;
                 backend
             }
-            Claim::Existing(name) => match self.shared.pool.get(&name) {
+            Ok(Claim::Existing(name)) => match self.shared.pool.get(&name) {
                 Some(b) => b,
                 None => {
                     self.no_backend(req).await;
                     return None;
                 }
             },
-            Claim::Foreign => {
+            Ok(Claim::Foreign) => {
                 self.foreign(req, &sid).await;
                 return None;
             }

@@ -124,7 +124,33 @@ impl ClientConn {
             };
             replies.push((name, reply));
         }
-        let merged = merge(replies, |id| self.visible(id));
+        // What the registry says of each listed id, asked once per id before the pure merge.
+        let mut known: HashMap<String, Result<Option<bool>, ()>> = HashMap::new();
+        let tenant = self.tenant();
+        for (_, reply) in &replies {
+            let Ok(v) = reply else { continue };
+            let Some(list) = v.pointer("/result/sessions").and_then(Value::as_array) else {
+                continue;
+            };
+            for id in list
+                .iter()
+                .filter_map(|s| s.get("sessionId").and_then(Value::as_str))
+            {
+                if known.contains_key(id) {
+                    continue;
+                }
+                let k = self
+                    .shared
+                    .sessions
+                    .owner(id, &tenant.name, &self.shared.pool)
+                    .await
+                    .map_err(|_| ());
+                known.insert(id.to_string(), k);
+            }
+        }
+        let merged = merge(replies, |id| {
+            self.visible(id, known.get(id).cloned().unwrap_or(Err(())))
+        });
         if merged.answered == 0 {
             let m = format!(
                 "{} failed on every backend: {}",

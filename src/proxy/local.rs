@@ -76,6 +76,20 @@ impl ClientConn {
         .await;
     }
 
+    /// The session registry could not answer a question the request depends on: fail closed,
+    /// retryable (the store's error text carries no credentials).
+    pub(super) async fn registry_down(&self, req: &ClientReq, e: &crate::registry::StoreError) {
+        let m = format!("copilot-lb's session registry is unavailable ({e}); the request was not processed and may be retried");
+        self.shared.metrics.registry_refusal();
+        self.fail(
+            req,
+            rpc::BACKEND_UNAVAILABLE,
+            &m,
+            rpc::data(true, json!({})),
+        )
+        .await;
+    }
+
     /// The tenant's `max_sessions` refusal, if one more live session would pass it.
     pub(super) fn tenant_over_cap(&self, tenant: &crate::auth::Tenant) -> Option<(String, Value)> {
         let limit = tenant.max_sessions?;

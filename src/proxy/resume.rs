@@ -114,8 +114,22 @@ impl ClientConn {
             // id to another; that one must be the caller's too, or nobody's yet.
             let named = super::upstream::reply_session(&reply).unwrap_or_else(|| sid.clone());
             let tenant = self.tenant();
-            let claim = self.shared.sessions.claim(&named, &tenant.name, &b.name);
-            if claim == Claim::Foreign {
+            let claim = self
+                .shared
+                .sessions
+                .claim(&named, &tenant.name, &b.name, &self.shared.pool)
+                .await;
+            if let Err(e) = &claim {
+                // Opened on the CLI but not recordable: close the handle, fail closed.
+                let params = serde_json::json!({"sessionId": named});
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    link.call("session.detach", &params),
+                )
+                .await;
+                return self.registry_down(&req, e).await;
+            }
+            if matches!(claim, Ok(Claim::Foreign)) {
                 let params = serde_json::json!({"sessionId": named});
                 let _ = tokio::time::timeout(
                     Duration::from_secs(10),
@@ -132,6 +146,28 @@ impl ClientConn {
             Some(reply) => self.deliver(&req, &reply, false).await,
             None => self.no_backend(&req).await,
         }
+    }
+
+    /// Before `sid` is resumed on `b`: if this connection still has it open through a live
+    /// link to another backend (the record moved it there, e.g. another replica failed it
+    /// over), that hold is let go first, so the session is never live on two CLIs.
+    async fn release_old_hold(&self, sid: &str, b: &Backend) {
+        let old = self.members().get(sid).map(|j| j.backend.clone());
+        let Some(old) = old.filter(|o| *o != b.name) else {
+            return;
+        };
+        let Some(link) = self.open_link(&old) else {
+            return;
+        };
+        let params = serde_json::json!({"sessionId": sid});
+        let released =
+            tokio::time::timeout(Duration::from_secs(2), link.call("session.detach", &params))
+                .await;
+        if !matches!(released, Ok(Ok(_))) {
+            // No answer: closing the link is what makes that CLI let go.
+            link.close();
+        }
+        debug!(conn = self.id, session = %sid, from = %old, to = %b.name, "released the old backend's hold before resuming elsewhere");
     }
 
     /// Sends a reply obtained through an internal call back under the client's own id.
@@ -158,6 +194,7 @@ impl ClientConn {
             .and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default();
         p.insert("sessionId".into(), Value::String(sid.to_string()));
+        self.release_old_hold(sid, b).await;
         let link = self.link(b);
         let budget = deadline
             .saturating_duration_since(Instant::now())

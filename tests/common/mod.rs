@@ -360,6 +360,7 @@ pub fn config(backends: &[SocketAddr]) -> Config {
         listen: Some("127.0.0.1:0".into()),
         backends: backends.iter().map(|a| a.to_string()).collect(),
         admin: Some("127.0.0.1:0".into()),
+        ..Overrides::default()
     };
     let mut cfg = Config::default().apply(&o, "test").expect("config");
     cfg.health.interval = copilot_lb::config::Millis(Duration::from_millis(100));
@@ -371,8 +372,20 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     cfg
 }
 
+/// Gives an in-process proxy on the default embedded registry a state file of its own (the
+/// default path is shared by the working directory, and a file is opened by one proxy only).
+/// The files (72 KiB each) sit in one directory that `scripts/test-all.sh` empties.
+pub fn own_state(cfg: &mut Config) {
+    if cfg.state.kind == copilot_lb::config::StateKind::Embedded && cfg.state.path.is_none() {
+        let dir = std::env::temp_dir().join("copilot-lb-test-state");
+        let _ = std::fs::create_dir_all(&dir);
+        cfg.state.path = Some(dir.join(format!("{}.redb", uuid::Uuid::new_v4())));
+    }
+}
+
 /// Starts the proxy in-process.
-pub async fn proxy(cfg: Config) -> (Running, SocketAddr) {
+pub async fn proxy(mut cfg: Config) -> (Running, SocketAddr) {
+    own_state(&mut cfg);
     let r = app::start(cfg).await.expect("proxy start");
     let addr = r.listen_addrs[0];
     (r, addr)
@@ -411,6 +424,7 @@ impl Fixture {
         let addrs: Vec<SocketAddr> = fakes.iter().map(|f| f.addr()).collect();
         let mut cfg = config(&addrs);
         tweak(&mut cfg);
+        own_state(&mut cfg);
         let running = app::start_on(cfg, loops).await.expect("proxy start");
         let addr = running.listen_addrs[0];
         Fixture {

@@ -456,6 +456,9 @@ def start_proxy(backends: list[Backend], run_dir: Path, *, admin: bool = True, p
     if admin_port:
         argv += ["--admin", f"{LOOPBACK}:{admin_port}"]
     argv += list(extra_args or [])
+    if "--state-path" not in argv and "--config" not in argv:
+        # Each proxy its own registry file: an embedded store is opened by one process only.
+        argv += ["--state-path", str(run_dir / f"copilot-lb-state-{port}.redb")]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
            "HOME": str(run_dir), "RUST_BACKTRACE": "1",
            "RUST_LOG": os.environ.get("COPILOT_LB_E2E_RUST_LOG", os.environ.get("RUST_LOG", "info"))}

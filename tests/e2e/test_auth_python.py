@@ -43,7 +43,8 @@ def start_lb(run_dir, name: str, config: str, env_extra: dict | None = None, por
            "RUST_LOG": "debug"}
     env.update(env_extra or {})
     proc = harness.Proc(name, [str(harness.proxy_bin()), "serve", "--config", str(path),
-                               "--listen", f"127.0.0.1:{listen}"],
+                               "--listen", f"127.0.0.1:{listen}",
+                               "--state-path", str(run_dir / f"{name}.redb")],
                         env=env, cwd=run_dir, log_path=run_dir / f"{name}.log")
     proc.wait_port(listen, 30)
     return proc, listen

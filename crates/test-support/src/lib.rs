@@ -8,3 +8,4 @@
 
 pub mod fake_cli;
 pub mod pki;
+pub mod redis;

@@ -42,7 +42,7 @@ impl ClientConn {
                     // and the walk ends when none is left (-32011).
                     if let Some(sid) = &req.session {
                         self.unjoin(sid);
-                        self.shared.sessions.remove(sid, &self.shared.pool);
+                        self.forget_session(sid).await;
                     }
                     req.fresh = false;
                     req.avoid.push(failed.name.clone());
@@ -196,6 +196,14 @@ impl ClientConn {
         let deadline = crate::config::deadline_after(cfg.sessions.detect_timeout());
         let tenant = self.tenant();
         let mut unreachable: Vec<String> = Vec::new();
+        // Another replica may have moved it already: decide from the record, not the cache.
+        if let Err(e) = self.shared.sessions.refresh(sid, &self.shared.pool).await {
+            return Err(Refusal {
+                code: rpc::BACKEND_UNAVAILABLE,
+                message: format!("session {sid}: where it lives cannot be confirmed, as copilot-lb's session registry is unavailable ({e}); retry"),
+                retryable: true,
+            });
+        }
         loop {
             let placed = self.shared.sessions.get(sid);
             let ranked = self.shared.pool.ranked(sid);
@@ -285,10 +293,16 @@ impl ClientConn {
                             }
                         }
                     }
-                    let now_on =
-                        self.shared
-                            .sessions
-                            .reassign(sid, &from, &target.name, &self.shared.pool);
+                    let now_on = self
+                        .shared
+                        .sessions
+                        .reassign(sid, &from, &target.name, &self.shared.pool)
+                        .await
+                        .map_err(|e| Refusal {
+                            code: rpc::BACKEND_UNAVAILABLE,
+                            message: format!("session {sid}: its backend {from} is down and the move to {} cannot be recorded, as copilot-lb's session registry is unavailable ({e}); retry", target.name),
+                            retryable: true,
+                        })?;
                     if now_on.as_deref() == Some(target.name.as_str()) {
                         self.shared.metrics.failover(&from);
                         info!(conn = self.id, session = %sid, from = %from, to = %target.name, "session failed over");

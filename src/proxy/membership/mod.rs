@@ -23,7 +23,18 @@ impl ClientConn {
     /// Returns false after answering.
     pub(super) async fn check_owner(&self, req: &ClientReq, sid: &str) -> bool {
         let tenant = self.tenant();
-        let owned = self.shared.sessions.owned_by_touch(sid, &tenant.name);
+        let owned = match self
+            .shared
+            .sessions
+            .owner(sid, &tenant.name, &self.shared.pool)
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.registry_down(req, &e).await;
+                return false;
+            }
+        };
         let ok = may_use(owned, &tenant, sid);
         if !ok {
             self.foreign(req, sid).await;
@@ -31,14 +42,13 @@ impl ClientConn {
         ok
     }
 
-    /// Whether this client's tenant may see a session (lists).
-    pub(super) fn visible(&self, sid: &str) -> bool {
-        let tenant = self.tenant();
-        may_use(
-            self.shared.sessions.owned_by(sid, &tenant.name),
-            &tenant,
-            sid,
-        )
+    /// Whether this client's tenant may see a session (lists); `known` is what the registry
+    /// said of it (`Err`: it could not say, so the session is hidden).
+    pub(super) fn visible(&self, sid: &str, known: Result<Option<bool>, ()>) -> bool {
+        match known {
+            Ok(owned) => may_use(owned, &self.tenant(), sid),
+            Err(()) => false,
+        }
     }
 
     /// Joins with the request's own params remembered for a later re-resume.
@@ -56,13 +66,21 @@ impl ClientConn {
     }
 
     /// Undoes what a failed `session.create` installed: this connection's join and, unless
-    /// another client has the session open, its route.
-    pub(super) fn forget_failed_create(&self, sid: &str) {
+    /// another client has the session open, its route (here and in the registry).
+    pub(super) async fn forget_failed_create(&self, sid: &str) {
         self.unjoin(sid);
         if let Some(p) = self.shared.sessions.get(sid) {
             if p.live_conns == 0 {
-                self.shared.sessions.remove(sid, &self.shared.pool);
+                self.forget_session(sid).await;
             }
+        }
+    }
+
+    /// Drops `sid` from the registry; a store that cannot answer keeps a record that names
+    /// the right owner, so this only logs.
+    pub(super) async fn forget_session(&self, sid: &str) {
+        if let Err(e) = self.shared.sessions.remove(sid, &self.shared.pool).await {
+            warn!(conn = self.id, session = %sid, error = %e, "session forgotten here but not in the registry");
         }
     }
 

@@ -40,6 +40,15 @@ impl ClientConn {
         l
     }
 
+    /// This client's live link to the backend named `name`, if it has one (never opens one).
+    pub(super) fn open_link(&self, name: &str) -> Option<Arc<Link>> {
+        self.upstream()
+            .links
+            .get(name)
+            .filter(|l| !l.is_dead())
+            .cloned()
+    }
+
     /// Sends a request over this client's link to `backend`. A request the backend cannot
     /// take (it is down, or its link died before the request was written) comes back for the
     /// caller to re-route.
@@ -104,7 +113,7 @@ impl ClientConn {
     /// resolved the id to a different session. If `named` is the caller's (or nobody's yet)
     /// it is recorded and joined as the caller's; if it is another tenant's the reply is not
     /// delivered, the handle the CLI opened for this link is closed, and `Err` says why.
-    pub(super) fn adopt_reply_session(
+    pub(super) async fn adopt_reply_session(
         &self,
         link: &Arc<Link>,
         asked: &str,
@@ -115,13 +124,18 @@ impl ClientConn {
         let claim = self
             .shared
             .sessions
-            .claim(named, &tenant.name, &link.backend.name);
+            .claim(named, &tenant.name, &link.backend.name, &self.shared.pool)
+            .await;
         if meta.route == Route::Create && meta.fresh {
-            self.forget_failed_create(asked);
+            self.forget_failed_create(asked).await;
         } else {
             self.unjoin(asked);
         }
-        if claim == crate::affinity::Claim::Foreign {
+        // Another tenant's, or not recordable: withheld either way (fail closed).
+        if !matches!(
+            claim,
+            Ok(crate::affinity::Claim::New | crate::affinity::Claim::Existing(_))
+        ) {
             tracing::warn!(conn = self.id, asked, named, backend = %link.backend.name, "backend answered with another tenant's session; reply withheld and the handle closed");
             let link = link.clone();
             let sid = named.to_string();
@@ -144,7 +158,7 @@ impl ClientConn {
 
     /// Records the session a `sessions.fork` reply names as the caller's, on the backend that
     /// made it. `Err` with the id when that id already belongs to another tenant.
-    fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), String> {
+    async fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), String> {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let Some(new) = v.pointer("/result/sessionId").and_then(Value::as_str) else {
             return Ok(());
@@ -153,10 +167,11 @@ impl ClientConn {
         match self
             .shared
             .sessions
-            .claim(new, &tenant.name, &link.backend.name)
+            .claim(new, &tenant.name, &link.backend.name, &self.shared.pool)
+            .await
         {
-            crate::affinity::Claim::Foreign => Err(new.to_string()),
-            _ => {
+            Ok(crate::affinity::Claim::Foreign) | Err(_) => Err(new.to_string()),
+            Ok(_) => {
                 info!(conn = self.id, session = %new, backend = %link.backend.name, "forked session recorded");
                 Ok(())
             }
@@ -182,7 +197,7 @@ impl LinkOwner for ClientConn {
         is_error: bool,
     ) {
         if meta.method == "sessions.fork" && !is_error {
-            if let Err(forged) = self.record_fork(link, body) {
+            if let Err(forged) = self.record_fork(link, body).await {
                 let m = format!("the fork's new session {forged} belongs to another tenant");
                 let data = rpc::data(false, json!({"sessionId": forged}));
                 return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
@@ -191,7 +206,7 @@ impl LinkOwner for ClientConn {
         if matches!(meta.route, Route::Create | Route::Resume) && !is_error {
             if let (Some(asked), Some(named)) = (&meta.session, reply_session(body)) {
                 if named != *asked {
-                    if let Err(m) = self.adopt_reply_session(link, asked, &named, &meta) {
+                    if let Err(m) = self.adopt_reply_session(link, asked, &named, &meta).await {
                         let data = rpc::data(false, json!({"sessionId": named}));
                         return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
                     }
@@ -201,7 +216,7 @@ impl LinkOwner for ClientConn {
         let out = envelope::splice(body, span, meta.id.get().as_bytes());
         if let Some(sid) = &meta.session {
             match meta.route {
-                Route::Create if is_error => self.forget_failed_create(sid),
+                Route::Create if is_error => self.forget_failed_create(sid).await,
                 Route::Resume if is_error => self.unjoin(sid),
                 Route::Create => {
                     info!(conn = self.id, session = %sid, backend = %link.backend.name, "session created")
@@ -210,7 +225,7 @@ impl LinkOwner for ClientConn {
                     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                     if v.pointer("/result/success").and_then(Value::as_bool) == Some(true) {
                         self.unjoin(sid);
-                        self.shared.sessions.remove(sid, &self.shared.pool);
+                        self.forget_session(sid).await;
                         info!(conn = self.id, session = %sid, "session deleted");
                     }
                 }
@@ -284,7 +299,7 @@ impl LinkOwner for ClientConn {
                 if meta.route == Route::Create && meta.fresh {
                     // It may never have run: a retry must be free to place it elsewhere.
                     if let Some(sid) = &meta.session {
-                        me.forget_failed_create(sid);
+                        me.forget_failed_create(sid).await;
                     }
                 }
                 let m = format!(

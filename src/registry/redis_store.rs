@@ -1,0 +1,405 @@
+//! The Redis store (`state: {kind: redis}`), for a fleet of replicas: one hash per session
+//! under `key_prefix`, every decision an atomic Lua script (insert-if-absent, compare-and-set
+//! on the epoch), moves and deletes announced on a pub/sub channel so the other replicas'
+//! caches follow. The connection is the `redis` crate's connection manager (reconnects by
+//! itself); it is made on first use, so the proxy starts while Redis is down.
+
+use super::{Created, Moved, Record, Store, StoreError};
+use crate::affinity::SessionTable;
+use crate::backend::Pool;
+use crate::config::StateConfig;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, Script};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Sessions per sync script call (one round trip each).
+const SYNC_BATCH: usize = 256;
+
+const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'b', ARGV[2], 'e', ARGV[3], 'c', ARGV[4], 'u', ARGV[5])
+return {}
+";
+
+const MOVE: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {} end
+local moved = '0'
+if e == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'b', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'e', 1)
+  moved = '1'
+end
+local r = redis.call('HGETALL', KEYS[1])
+table.insert(r, 1, moved)
+return r
+";
+
+const REMOVE: &str = r"
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+";
+
+/// KEYS: the sessions; ARGV: five values per session (owner, backend, epoch, created,
+/// used). Returns, flattened, `index, HGETALL...` for each record that differs.
+const SYNC: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  local a = (i - 1) * 5
+  local o, b, e, c, u = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5]
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'o', o, 'b', b, 'e', e, 'c', c, 'u', u)
+  else
+    local cur = redis.call('HMGET', k, 'o', 'b', 'e', 'u')
+    if tonumber(u) > tonumber(cur[4] or '0') then redis.call('HSET', k, 'u', u) end
+    if cur[1] ~= o or cur[2] ~= b or cur[3] ~= e then
+      table.insert(out, tostring(i))
+      local r = redis.call('HGETALL', k)
+      table.insert(out, tostring(#r))
+      for _, x in ipairs(r) do table.insert(out, x) end
+    end
+  end
+end
+return out
+";
+
+/// Session records in Redis.
+pub(crate) struct RedisStore {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+    conn: Mutex<Option<ConnectionManager>>,
+    create: Script,
+    moves: Script,
+    remove: Script,
+    sync: Script,
+}
+
+/// A move or delete, as announced to the other replicas.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Event {
+    Move {
+        id: String,
+        owner: String,
+        backend: String,
+        epoch: u64,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+fn parse_record(id: &str, flat: &[String]) -> Result<Option<Record>, StoreError> {
+    if flat.is_empty() {
+        return Ok(None);
+    }
+    let corrupt = |why| StoreError::Corrupt {
+        id: id.to_string(),
+        why,
+    };
+    let (mut o, mut b, mut e, mut c, mut u) = (None, None, None, None, None);
+    for kv in flat.chunks(2) {
+        let [k, v] = kv else {
+            return Err(corrupt("odd field list"));
+        };
+        match k.as_str() {
+            "o" => o = Some(v.clone()),
+            "b" => b = Some(v.clone()),
+            "e" => e = v.parse().ok(),
+            "c" => c = v.parse().ok(),
+            "u" => u = v.parse().ok(),
+            _ => {}
+        }
+    }
+    match (o, b, e) {
+        (Some(owner), Some(backend), Some(epoch)) => Ok(Some(Record {
+            owner,
+            backend,
+            epoch,
+            created_ms: c.unwrap_or(0),
+            last_used_ms: u.unwrap_or(0),
+        })),
+        _ => Err(corrupt("owner, backend or epoch missing")),
+    }
+}
+
+impl RedisStore {
+    /// Builds the client from `state` (URL, password from env or file); connects on first use.
+    pub(crate) fn new(cfg: &StateConfig) -> Result<RedisStore, String> {
+        let mut info: redis::ConnectionInfo = cfg
+            .redis_url()
+            .map_err(|e| e.to_string())?
+            .as_str()
+            .parse()
+            .map_err(|e: redis::RedisError| format!("url: {e}"))?;
+        if let Some(pw) = cfg.redis_password().map_err(|e| e.to_string())? {
+            let settings = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(settings);
+        }
+        let client = Client::open(info).map_err(|e| e.to_string())?;
+        Ok(RedisStore {
+            client,
+            prefix: cfg.key_prefix().to_string(),
+            timeout: cfg.timeout(),
+            conn: Mutex::new(None),
+            create: Script::new(CREATE),
+            moves: Script::new(MOVE),
+            remove: Script::new(REMOVE),
+            sync: Script::new(SYNC),
+        })
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}s:{id}", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// The shared connection, made on first use (and again after a failed first attempt).
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let c = ConnectionManager::new_with_config(self.client.clone(), cfg).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn publish(&self, ev: &Event) {
+        let Ok(msg) = serde_json::to_string(ev) else {
+            return;
+        };
+        // A lost announcement costs a stale cache entry until the next sync, which repairs it.
+        match self.conn().await {
+            Ok(mut c) => {
+                if let Err(e) = c.publish::<_, _, ()>(self.channel(), msg).await {
+                    debug!(error = %e, "registry announcement not published");
+                }
+            }
+            Err(e) => debug!(error = %e, "registry announcement not published"),
+        }
+    }
+
+    pub(crate) async fn announce_move(&self, id: &str, r: &Record) {
+        self.publish(&Event::Move {
+            id: id.to_string(),
+            owner: r.owner.clone(),
+            backend: r.backend.clone(),
+            epoch: r.epoch,
+        })
+        .await
+    }
+
+    pub(crate) async fn announce_delete(&self, id: &str) {
+        self.publish(&Event::Delete { id: id.to_string() }).await
+    }
+
+    /// Applies the other replicas' announcements to `table` until `stop`. On every
+    /// (re)subscription the cache's idle entries are dropped: announcements made while this
+    /// replica was not listening are lost, and an idle entry is cheap to look up again.
+    pub(crate) async fn follow(&self, table: &SessionTable, pool: &Pool, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let subscribed = async {
+                let mut ps = self.client.get_async_pubsub().await?;
+                ps.subscribe(self.channel()).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            let ps = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tokio::time::timeout(self.timeout, subscribed) => r,
+            };
+            match ps {
+                Ok(Ok(ps)) => {
+                    backoff = Duration::from_millis(100);
+                    for (id, _) in table.snapshot() {
+                        table.forget_idle(&id);
+                    }
+                    info!(channel = %self.channel(), "following the session registry's moves and deletes");
+                    let mut msgs = ps.into_on_message();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = msgs.next() => m,
+                        };
+                        let Some(msg) = msg else { break };
+                        let Ok(text) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<Event>(&text) {
+                            Ok(Event::Move {
+                                id,
+                                owner,
+                                backend,
+                                epoch,
+                            }) => {
+                                if table.get(&id).is_some() {
+                                    table.learn(
+                                        &id,
+                                        &owner,
+                                        &backend,
+                                        epoch,
+                                        std::time::SystemTime::now(),
+                                        pool,
+                                    );
+                                }
+                            }
+                            Ok(Event::Delete { id }) => table.forget_idle(&id),
+                            Err(e) => {
+                                debug!(error = %e, "unreadable registry announcement ignored")
+                            }
+                        }
+                    }
+                    warn!("registry subscription lost; resubscribing");
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the session registry")
+                }
+                Err(_) => {
+                    warn!(retry_in = ?backoff, "cannot subscribe to the session registry: timed out")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Store for RedisStore {
+    async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        let mut c = self.conn().await?;
+        let flat: Vec<String> = c.hgetall(self.key(id)).await?;
+        parse_record(id, &flat)
+    }
+
+    async fn create(&self, id: &str, rec: &Record) -> Result<Created, StoreError> {
+        let mut c = self.conn().await?;
+        let flat: Vec<String> = self
+            .create
+            .key(self.key(id))
+            .arg(&rec.owner)
+            .arg(&rec.backend)
+            .arg(rec.epoch)
+            .arg(rec.created_ms)
+            .arg(rec.last_used_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match parse_record(id, &flat)? {
+            None => Created::Inserted,
+            Some(r) => Created::Exists(r),
+        })
+    }
+
+    async fn move_to(&self, id: &str, epoch: u64, backend: &str) -> Result<Moved, StoreError> {
+        let mut c = self.conn().await?;
+        let flat: Vec<String> = self
+            .moves
+            .key(self.key(id))
+            .arg(epoch)
+            .arg(backend)
+            .invoke_async(&mut c)
+            .await?;
+        let Some((moved, rest)) = flat.split_first() else {
+            return Ok(Moved::Stale(None));
+        };
+        let r = parse_record(id, rest)?;
+        Ok(match (moved.as_str(), r) {
+            ("1", Some(r)) => Moved::Done(r),
+            (_, r) => Moved::Stale(r),
+        })
+    }
+
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let want = epoch.map(|e| e.to_string()).unwrap_or_default();
+        let n: i64 = self
+            .remove
+            .key(self.key(id))
+            .arg(want)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn sync(&self, held: &[(String, Record)]) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut differs = Vec::new();
+        for batch in held.chunks(SYNC_BATCH) {
+            let mut inv = self.sync.prepare_invoke();
+            for (id, r) in batch {
+                inv.key(self.key(id))
+                    .arg(&r.owner)
+                    .arg(&r.backend)
+                    .arg(r.epoch)
+                    .arg(r.created_ms)
+                    .arg(r.last_used_ms);
+            }
+            let flat: Vec<String> = inv.invoke_async(&mut c).await?;
+            let mut it = flat.iter();
+            while let (Some(i), Some(n)) = (it.next(), it.next()) {
+                let (Ok(i), Ok(n)) = (i.parse::<usize>(), n.parse::<usize>()) else {
+                    break;
+                };
+                let fields: Vec<String> = it.by_ref().take(n).cloned().collect();
+                let Some((id, _)) = batch.get(i.wrapping_sub(1)) else {
+                    continue;
+                };
+                if let Some(r) = parse_record(id, &fields)? {
+                    differs.push((id.clone(), r));
+                }
+            }
+        }
+        Ok(differs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_from_hash_fields_and_refuse_missing_ones() {
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let r = parse_record(
+            "s",
+            &f(&["o", "a", "b", "b1", "e", "3", "c", "10", "u", "20"]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (r.owner.as_str(), r.backend.as_str(), r.epoch),
+            ("a", "b1", 3)
+        );
+        assert_eq!(parse_record("s", &[]).unwrap(), None);
+        assert!(parse_record("s", &f(&["o", "a", "e", "1"])).is_err());
+        assert!(parse_record("s", &f(&["o"])).is_err());
+    }
+
+    #[test]
+    fn announcements_round_trip() {
+        let ev = Event::Move {
+            id: "s 1|x".into(),
+            owner: "team".into(),
+            backend: "b2".into(),
+            epoch: 4,
+        };
+        let text = serde_json::to_string(&ev).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), ev);
+    }
+}

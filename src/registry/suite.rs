@@ -1,0 +1,261 @@
+//! One test suite, run against every store: what the proxy relies on of a registry.
+
+use super::*;
+use test_support::redis::RedisServer;
+
+fn rec(owner: &str, backend: &str) -> Record {
+    Record::new(owner, backend)
+}
+
+/// Every rule of [`Store`], on a store with nothing in it.
+async fn rules<S: Store>(s: &S) {
+    // Unknown ids are unknown.
+    assert_eq!(s.get("s1").await.unwrap(), None);
+
+    // Create is insert-if-absent: the second create, by anyone, finds the first.
+    let a = rec("team-a", "b1");
+    assert_eq!(s.create("s1", &a).await.unwrap(), Created::Inserted);
+    assert_eq!(s.get("s1").await.unwrap(), Some(a.clone()));
+    match s.create("s1", &rec("team-b", "b2")).await.unwrap() {
+        Created::Exists(r) => assert_eq!(r, a),
+        other => panic!("{other:?}"),
+    }
+
+    // A move names the epoch it saw: exactly one of two movers wins, the other follows.
+    let won = s.move_to("s1", 1, "b2").await.unwrap();
+    let Moved::Done(r) = won else {
+        panic!("{won:?}")
+    };
+    assert_eq!(
+        (r.backend.as_str(), r.epoch, r.owner.as_str()),
+        ("b2", 2, "team-a")
+    );
+    match s.move_to("s1", 1, "b3").await.unwrap() {
+        Moved::Stale(Some(r)) => assert_eq!((r.backend.as_str(), r.epoch), ("b2", 2)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.move_to("nope", 1, "b3").await.unwrap(),
+        Moved::Stale(None)
+    );
+
+    // Sync: last-used only goes up; a missing record is re-asserted; a differing one is
+    // reported as the store has it.
+    let mut mine = s.get("s1").await.unwrap().unwrap();
+    mine.last_used_ms += 5_000;
+    let mut stale = mine.clone();
+    stale.backend = "b1".into();
+    stale.epoch = 1;
+    let lost = rec("team-c", "b3");
+    let differs = s
+        .sync(&[("s1".into(), stale), ("s9".into(), lost.clone())])
+        .await
+        .unwrap();
+    assert_eq!(differs.len(), 1, "{differs:?}");
+    assert_eq!(differs[0].0, "s1");
+    assert_eq!(
+        (differs[0].1.backend.as_str(), differs[0].1.epoch),
+        ("b2", 2)
+    );
+    assert_eq!(differs[0].1.last_used_ms, mine.last_used_ms);
+    assert_eq!(s.get("s9").await.unwrap(), Some(lost));
+    let mut older = mine.clone();
+    older.last_used_ms -= 10_000;
+    assert!(s.sync(&[("s1".into(), older)]).await.unwrap().is_empty());
+    assert_eq!(
+        s.get("s1").await.unwrap().unwrap().last_used_ms,
+        mine.last_used_ms
+    );
+
+    // Delete: compare-and-set when an epoch is named, unconditional otherwise.
+    assert!(!s.remove("s1", Some(1)).await.unwrap());
+    assert!(s.get("s1").await.unwrap().is_some());
+    assert!(s.remove("s1", Some(2)).await.unwrap());
+    assert_eq!(s.get("s1").await.unwrap(), None);
+    assert!(s.remove("s9", None).await.unwrap());
+    assert!(!s.remove("s9", None).await.unwrap());
+
+    // Ids are opaque: anything a client may send is its own key, never a pattern.
+    for id in ["a:b", "s*", "x y", "ünï", "{tag}"] {
+        assert_eq!(
+            s.create(id, &rec("t", "b1")).await.unwrap(),
+            Created::Inserted
+        );
+    }
+    assert_eq!(s.get("s").await.unwrap(), None);
+    assert!(s.get("s*").await.unwrap().is_some());
+
+    // Concurrent creates of one id: one insert, every other caller sees that record.
+    let racers = (0..16).map(|i| {
+        let r = rec(&format!("t{i}"), "b1");
+        async move { s.create("race", &r).await.unwrap() }
+    });
+    let outcomes = futures_util::future::join_all(racers).await;
+    let inserted = outcomes.iter().filter(|o| **o == Created::Inserted).count();
+    assert_eq!(inserted, 1, "{outcomes:?}");
+    let winner = s.get("race").await.unwrap().unwrap();
+    for o in outcomes {
+        if let Created::Exists(r) = o {
+            assert_eq!(r, winner);
+        }
+    }
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_every_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Embedded::open(&dir.path().join("state.redb")).unwrap();
+    rules(&s).await;
+}
+
+#[tokio::test]
+async fn embedded_store_survives_a_reopen_and_refuses_a_second_opener() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/state.redb");
+    {
+        let s = Embedded::open(&path).unwrap();
+        assert_eq!(
+            s.create("s1", &rec("a", "b1")).await.unwrap(),
+            Created::Inserted
+        );
+        let e = Embedded::open(&path)
+            .err()
+            .expect("a second opener is refused");
+        assert!(e.to_string().contains("already open"), "{e}");
+    }
+    let s = Embedded::open(&path).unwrap();
+    assert_eq!(s.get("s1").await.unwrap().unwrap().owner, "a");
+    assert_eq!(s.list_now().unwrap().len(), 1);
+}
+
+fn redis_config(url: &str, prefix: &str) -> StateConfig {
+    StateConfig {
+        kind: StateKind::Redis,
+        url: Some(url.to_string()),
+        key_prefix: Some(prefix.to_string()),
+        timeout: Some(crate::config::Millis(Duration::from_millis(300))),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn redis_store_keeps_every_rule() {
+    let server = RedisServer::start().expect("redis-server");
+    let s = RedisStore::new(&redis_config(&server.url(), "t1:")).unwrap();
+    rules(&s).await;
+    // Key prefixes keep two fleets on one Redis apart.
+    let other = RedisStore::new(&redis_config(&server.url(), "t2:")).unwrap();
+    assert_eq!(other.get("race").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_registry_fails_closed_while_redis_is_stalled_and_recovers() {
+    let server = RedisServer::start().expect("redis-server");
+    let pool = Pool::default();
+    let reg = Registry::with(
+        Kind::Redis(Box::new(
+            RedisStore::new(&redis_config(&server.url(), "r:")).unwrap(),
+        )),
+        Duration::from_millis(300),
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        reg.claim("known", "a", "b1", &pool).await.unwrap(),
+        Claim::New
+    );
+    server.pause();
+    // Known here: answered from the cache, the store is not asked.
+    let t = Instant::now();
+    assert_eq!(reg.owner("known", "a", &pool).await.unwrap(), Some(true));
+    assert!(t.elapsed() < Duration::from_millis(100));
+    // Unknown: an error within the timeout, never "nobody's, so yours".
+    let t = Instant::now();
+    assert!(reg.owner("unknown", "b", &pool).await.is_err());
+    assert!(reg.claim("fresh", "b", "b1", &pool).await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(!reg.status().up);
+    server.resume();
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match reg.owner("unknown", "b", &pool).await {
+            Ok(v) => {
+                assert_eq!(v, None);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < until, "not recovered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reg.status().up);
+}
+
+#[tokio::test]
+async fn two_registries_on_one_redis_agree_on_owners_and_moves() {
+    let server = RedisServer::start().expect("redis-server");
+    let pool = Pool::default();
+    let open = || {
+        Registry::with(
+            Kind::Redis(Box::new(
+                RedisStore::new(&redis_config(&server.url(), "f:")).unwrap(),
+            )),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        )
+    };
+    let (r1, r2) = (open(), open());
+    assert_eq!(r1.claim("s", "a", "b1", &pool).await.unwrap(), Claim::New);
+    // The other replica never saw it, and still knows whose it is.
+    assert_eq!(r2.owner("s", "b", &pool).await.unwrap(), Some(false));
+    assert_eq!(
+        r2.claim("s", "b", "b2", &pool).await.unwrap(),
+        Claim::Foreign
+    );
+    assert_eq!(r2.lookup("s", &pool).await.unwrap().unwrap().backend, "b1");
+    // Both lose b1 at once: one move wins, the other follows it.
+    let (m1, m2) = tokio::join!(
+        r1.reassign("s", "b1", "b2", &pool),
+        r2.reassign("s", "b1", "b3", &pool)
+    );
+    let (m1, m2) = (m1.unwrap().unwrap(), m2.unwrap().unwrap());
+    assert_eq!(m1, m2, "two replicas chose different homes");
+    // Deleted through one, unknown to the store for the other.
+    r1.remove("s", &pool).await.unwrap();
+    assert!(r2.refresh("s", &pool).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_restarted_empty_redis_is_refilled_by_the_replicas_that_hold_sessions() {
+    let mut server = RedisServer::start().expect("redis-server");
+    let pool = Pool::default();
+    let store = RedisStore::new(&redis_config(&server.url(), "e:")).unwrap();
+    let reg = Registry::with(
+        Kind::Redis(Box::new(store)),
+        Duration::from_millis(300),
+        Duration::from_millis(100),
+    );
+    assert_eq!(
+        reg.claim("held", "a", "b1", &pool).await.unwrap(),
+        Claim::New
+    );
+    reg.table.join("held", &pool);
+    server.restart_empty().unwrap();
+    let stop = CancellationToken::new();
+    let check = RedisStore::new(&redis_config(&server.url(), "e:")).unwrap();
+    let sync = reg.sync_loop(&pool, stop.clone());
+    let wait = async {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(r)) = check.get("held").await {
+                break r;
+            }
+            assert!(Instant::now() < until, "never re-asserted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let r = tokio::select! {
+        r = wait => r,
+        _ = sync => unreachable!("sync loop ended"),
+    };
+    stop.cancel();
+    assert_eq!((r.owner.as_str(), r.backend.as_str()), ("a", "b1"));
+}

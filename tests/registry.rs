@@ -1,0 +1,289 @@
+//! The session registry (issue #13): ownership and placement survive a restart of the proxy
+//! (embedded store), and replicas sharing a Redis act as one proxy: a session placed by one
+//! is routed and owned the same through another, and a stalled or emptied Redis fails closed
+//! for what a replica does not know. Real loopback sockets, the fake CLI, a real redis-server.
+
+mod common;
+
+use common::*;
+use copilot_lb::config::Config;
+use copilot_lb::rpc;
+use serde_json::json;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use test_support::redis::RedisServer;
+
+const T: Duration = Duration::from_secs(60);
+
+fn tenants_yaml() -> String {
+    format!(
+        "tenants:\n  - name: a\n    token_hashes: [\"{}\"]\n  - name: b\n    token_hashes: [\"{}\"]\n",
+        copilot_lb::auth::hash_token("tok-a"),
+        copilot_lb::auth::hash_token("tok-b"),
+    )
+}
+
+async fn as_tenant(addr: SocketAddr, token: &str) -> Client {
+    let mut c = Client::connect(addr).await;
+    c.ok("connect", json!({"token": token})).await;
+    c
+}
+
+/// A copilot-lb process, killed with SIGKILL when dropped (no clean shutdown to lean on).
+struct Proc(Child, SocketAddr);
+
+impl Proc {
+    async fn start(cfg: &Path, state: &Path) -> Proc {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .args(["--listen", &addr.to_string(), "--state-path"])
+            .arg(state)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < until, "copilot-lb did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Proc(child, addr)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn ownership_survives_a_restart_of_the_proxy() {
+    within(T, async {
+        let fake = fakes(1, true).await.remove(0);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("lb.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "backends: [{{address: {}}}]\nhealth: {{interval: 100ms, timeout: 500ms}}\n{}",
+                fake.addr(),
+                tenants_yaml()
+            ),
+        )
+        .unwrap();
+        let state = dir.path().join("state.redb");
+        let lb = Proc::start(&cfg, &state).await;
+        let mut a = as_tenant(lb.1, "tok-a").await;
+        a.ok("session.create", json!({"sessionId": "kept-1"})).await;
+        drop(a);
+        // Killed, not stopped: what a create answered must already be on disk.
+        drop(lb);
+        let lb = Proc::start(&cfg, &state).await;
+        let mut b = as_tenant(lb.1, "tok-b").await;
+        let r = b
+            .call("session.resume", json!({"sessionId": "kept-1"}))
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        assert!(!b
+            .ok("session.list", json!({}))
+            .await
+            .to_string()
+            .contains("kept-1"));
+        let mut a = as_tenant(lb.1, "tok-a").await;
+        a.ok("session.resume", json!({"sessionId": "kept-1"})).await;
+        a.ok(
+            "session.send",
+            json!({"sessionId": "kept-1", "prompt": "still mine"}),
+        )
+        .await;
+        let list = a.ok("session.list", json!({})).await;
+        assert!(list.to_string().contains("kept-1"), "{list}");
+    })
+    .await;
+}
+
+/// A proxy on `redis` in front of `fakes`, with tenants a and b; `drain` names backends this
+/// replica alone treats as draining (so it places sessions off their rendezvous home).
+async fn replica(
+    redis: &RedisServer,
+    fakes: &[test_support::fake_cli::FakeCli],
+    drain: &[usize],
+    sync: &str,
+) -> (copilot_lb::app::Running, SocketAddr) {
+    let backends: String = fakes
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            format!(
+                "  - {{name: {}, address: {}, drain: {}}}\n",
+                f.name(),
+                f.addr(),
+                drain.contains(&i)
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "listeners: [{{listen: 127.0.0.1:0}}]\nbackends:\n{backends}health: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 2}}\nsessions: {{shared_storage: true}}\nstate: {{kind: redis, url: \"{}\", key_prefix: \"it:\", timeout: 300ms, sync_interval: {sync}}}\n{}",
+        redis.url(),
+        tenants_yaml()
+    );
+    proxy(Config::from_yaml(&yaml, "replica").expect("config")).await
+}
+
+/// A session id whose rendezvous home among `fakes` is `fakes[home]`.
+fn homed_on(fakes: &[test_support::fake_cli::FakeCli], home: usize, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|id| {
+            let ranked = copilot_lb::balance::rank(id, fakes.iter().map(|f| (f.name(), 1.0)));
+            ranked[0] == home
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replicas_on_one_redis_route_and_own_a_session_alike() {
+    within(T, async {
+        let redis = RedisServer::start().expect("redis-server");
+        let fakes = fakes(2, true).await;
+        // Replica 1 places off home (its home backend drains there); replica 2 does not.
+        let (_r1, one) = replica(&redis, &fakes, &[0], "5s").await;
+        let (_r2, two) = replica(&redis, &fakes, &[], "5s").await;
+        let sid = homed_on(&fakes, 0, "off-home");
+        let mut a1 = as_tenant(one, "tok-a").await;
+        a1.ok("session.create", json!({"sessionId": sid})).await;
+        assert_eq!(holders(&fakes, &sid)[0].name(), fakes[1].name());
+
+        // The other tenant, through the other replica: refused, and the list hides it.
+        let mut b2 = as_tenant(two, "tok-b").await;
+        for m in ["session.resume", "session.delete"] {
+            let r = b2.call(m, json!({"sessionId": sid})).await;
+            assert_eq!(
+                r.error_code(),
+                Some(rpc::SESSION_FORBIDDEN),
+                "{m}: {}",
+                r.text()
+            );
+        }
+        assert!(!b2
+            .ok("session.list", json!({}))
+            .await
+            .to_string()
+            .contains(&sid));
+
+        // The owner, through the other replica: routed to where the session lives, not to
+        // its rendezvous home, and deleted there.
+        drop(a1);
+        let mut a2 = as_tenant(two, "tok-a").await;
+        a2.ok("session.resume", json!({"sessionId": sid})).await;
+        a2.ok("session.send", json!({"sessionId": sid, "prompt": "hi"}))
+            .await;
+        assert_eq!(
+            fakes[0].requests("session.send"),
+            0,
+            "sent to the home backend"
+        );
+        assert!(a2
+            .ok("session.list", json!({}))
+            .await
+            .to_string()
+            .contains(&sid));
+        let r = a2.ok("session.delete", json!({"sessionId": sid})).await;
+        assert_eq!(r["success"], json!(true), "{r}");
+        assert!(!fakes[1].storage().contains(&sid), "not deleted");
+        assert_eq!(
+            fakes[0].requests("session.delete"),
+            0,
+            "deleted at the home backend"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stalled_or_emptied_redis_fails_closed_and_is_refilled() {
+    within(T, async {
+        let mut redis = RedisServer::start().expect("redis-server");
+        let fakes = fakes(1, true).await;
+        let (_r1, one) = replica(&redis, &fakes, &[], "200ms").await;
+        let mut a = as_tenant(one, "tok-a").await;
+        a.ok("session.create", json!({"sessionId": "held-1"})).await;
+
+        redis.pause();
+        // Known here: keeps working while Redis is stalled.
+        let t = Instant::now();
+        a.ok(
+            "session.send",
+            json!({"sessionId": "held-1", "prompt": "x"}),
+        )
+        .await;
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        // Unknown here: a retryable refusal within the registry's timeout, never a claim.
+        let mut direct = Client::connect(fakes[0].addr()).await;
+        direct
+            .ok("session.create", json!({"sessionId": "elsewhere-1"}))
+            .await;
+        let t = Instant::now();
+        let r = a
+            .call("session.resume", json!({"sessionId": "elsewhere-1"}))
+            .await;
+        assert_eq!(
+            r.error_code(),
+            Some(rpc::BACKEND_UNAVAILABLE),
+            "{}",
+            r.text()
+        );
+        assert!(r.text().contains("registry"), "{}", r.text());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let r = a
+            .call("session.create", json!({"sessionId": "new-1"}))
+            .await;
+        assert_eq!(
+            r.error_code(),
+            Some(rpc::BACKEND_UNAVAILABLE),
+            "{}",
+            r.text()
+        );
+        assert_eq!(fakes[0].requests("session.resume"), 0);
+
+        // Restarted empty: the replica that holds held-1 writes it back, so a replica that
+        // never saw it knows whose it is.
+        redis.resume();
+        redis.restart_empty().unwrap();
+        let (_r2, two) = replica(&redis, &fakes, &[], "200ms").await;
+        let mut b2 = as_tenant(two, "tok-b").await;
+        let mut a2 = as_tenant(two, "tok-a").await;
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = a2
+                .call("session.resume", json!({"sessionId": "held-1"}))
+                .await;
+            if r.error_code().is_none() {
+                break;
+            }
+            assert!(Instant::now() < until, "never re-asserted: {}", r.text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = b2
+            .call("session.resume", json!({"sessionId": "held-1"}))
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+    })
+    .await;
+}
