@@ -84,6 +84,7 @@ fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
         "weight": st.weight,
         "max_sessions": st.max_sessions,
         "live_sessions": st.live_sessions,
+        "fleet_sessions": st.fleet_sessions,
         "links": st.links,
         "connections": st.links,
         "version": st.version,

@@ -18,8 +18,13 @@ use test_support::redis::RedisServer;
 const T: Duration = Duration::from_secs(60);
 
 fn tenants_yaml() -> String {
+    tenants_capped("")
+}
+
+/// Tenants a (with `extra` settings) and b.
+fn tenants_capped(extra: &str) -> String {
     format!(
-        "tenants:\n  - name: a\n    token_hashes: [\"{}\"]\n  - name: b\n    token_hashes: [\"{}\"]\n",
+        "tenants:\n  - name: a\n    token_hashes: [\"{}\"]\n{extra}  - name: b\n    token_hashes: [\"{}\"]\n",
         copilot_lb::auth::hash_token("tok-a"),
         copilot_lb::auth::hash_token("tok-b"),
     )
@@ -137,7 +142,7 @@ async fn replica(
     let yaml = format!(
         "listeners: [{{listen: 127.0.0.1:0}}]\nbackends:\n{backends}health: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 2}}\nsessions: {{shared_storage: true}}\nstate: {{kind: redis, url: \"{}\", key_prefix: \"it:\", timeout: 300ms, sync_interval: {sync}}}\n{}",
         redis.url(),
-        tenants_yaml()
+        tenants_capped("    max_sessions: 2\n")
     );
     proxy(Config::from_yaml(&yaml, "replica").expect("config")).await
 }
@@ -284,6 +289,56 @@ async fn a_stalled_or_emptied_redis_fails_closed_and_is_refilled() {
             .call("session.resume", json!({"sessionId": "held-1"}))
             .await;
         assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tenants_cap_counts_every_replicas_sessions() {
+    within(T, async {
+        let redis = RedisServer::start().expect("redis-server");
+        let fakes = fakes(2, true).await;
+        let (_r1, one) = replica(&redis, &fakes, &[], "100ms").await;
+        let (_r2, two) = replica(&redis, &fakes, &[], "100ms").await;
+        // a may hold 2 live sessions: one through each replica.
+        let mut a1 = as_tenant(one, "tok-a").await;
+        let mut a2 = as_tenant(two, "tok-a").await;
+        a1.ok("session.create", json!({"sessionId": "cap-1"})).await;
+        a2.ok("session.create", json!({"sessionId": "cap-2"})).await;
+        // Once the replicas have exchanged counts (one sync interval), a third is refused
+        // through either replica, though each holds only one itself.
+        for (c, tag) in [(&mut a1, "one"), (&mut a2, "two")] {
+            let until = Instant::now() + Duration::from_secs(5);
+            for n in 0.. {
+                let sid = format!("cap-{tag}-{n}");
+                let r = c.call("session.create", json!({"sessionId": sid})).await;
+                if r.error_code() == Some(rpc::SESSION_LIMIT) {
+                    break;
+                }
+                // Created before the counts arrived: give it back and try again.
+                assert!(r.error_code().is_none(), "{}", r.text());
+                c.ok("session.delete", json!({"sessionId": sid})).await;
+                assert!(
+                    Instant::now() < until,
+                    "the cap never counted the other replica"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // One detached through replica 2: replica 1 may create again (after a sync).
+        a2.ok("session.detach", json!({"sessionId": "cap-2"})).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = a1
+                .call("session.create", json!({"sessionId": "cap-after"}))
+                .await;
+            if r.error_code().is_none() {
+                break;
+            }
+            assert_eq!(r.error_code(), Some(rpc::SESSION_LIMIT), "{}", r.text());
+            assert!(Instant::now() < until, "the freed slot never counted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
 }

@@ -66,6 +66,8 @@ pub struct Backend {
     drained: AtomicBool,
     /// Sessions with at least one client joined.
     live_sessions: AtomicU64,
+    /// Live sessions held on it through other replicas, as of the last registry sync.
+    elsewhere: AtomicU64,
     /// Open upstream links.
     links: AtomicU64,
     /// CLI version reported by its `connect` reply.
@@ -153,8 +155,11 @@ pub struct BackendStatus {
     pub weight: f64,
     /// Cap on live sessions.
     pub max_sessions: Option<u64>,
-    /// Sessions with at least one client joined.
+    /// Sessions with at least one client of this replica joined.
     pub live_sessions: u64,
+    /// Live sessions on it across the fleet (this replica's plus the others' as of the last
+    /// registry sync; equal to `live_sessions` without a shared registry).
+    pub fleet_sessions: u64,
     /// Upstream links open.
     pub links: u64,
     /// CLI version from its last `connect` reply.
@@ -206,6 +211,7 @@ impl Backend {
             checks: Mutex::new(Checks::default()),
             drained: Default::default(),
             live_sessions: AtomicU64::new(0),
+            elsewhere: AtomicU64::new(0),
             links: AtomicU64::new(0),
             version: Mutex::new(None),
             fence: Mutex::new(CancellationToken::new()),
@@ -324,6 +330,17 @@ impl Backend {
         self.live_sessions.load(Ordering::Relaxed)
     }
 
+    /// Live sessions on it across the fleet: what caps and bounded load count. Other
+    /// replicas' share is as of the last registry sync (`state.sync_interval` of slack).
+    pub fn fleet_sessions(&self) -> u64 {
+        self.live_sessions() + self.elsewhere.load(Ordering::Relaxed)
+    }
+
+    /// Records how many live sessions other replicas hold on it.
+    pub fn set_elsewhere(&self, n: u64) {
+        self.elsewhere.store(n, Ordering::Relaxed);
+    }
+
     /// A session became live here.
     pub fn session_started(&self) {
         self.live_sessions.fetch_add(1, Ordering::Relaxed);
@@ -385,6 +402,7 @@ impl Backend {
             weight: self.weight,
             max_sessions: self.max_sessions,
             live_sessions: self.live_sessions(),
+            fleet_sessions: self.fleet_sessions(),
             links: self.links.load(Ordering::Relaxed),
             version: self.version(),
             consecutive_failures: streak.fails,

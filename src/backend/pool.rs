@@ -71,7 +71,7 @@ impl Pool {
                 name: &b.name,
                 weight: b.weight,
                 eligible: b.state() == State::Up && allowed(&b.name) && !exclude.contains(&b.name),
-                live: b.live_sessions(),
+                live: b.fleet_sessions(),
                 max_sessions: b.max_sessions,
             })
             .collect();

@@ -93,7 +93,7 @@ impl ClientConn {
     /// The tenant's `max_sessions` refusal, if one more live session would pass it.
     pub(super) fn tenant_over_cap(&self, tenant: &crate::auth::Tenant) -> Option<(String, Value)> {
         let limit = tenant.max_sessions?;
-        (self.shared.sessions.live_owned_by(&tenant.name) >= limit).then(|| {
+        (self.shared.sessions.fleet_owned_by(&tenant.name) >= limit).then(|| {
             let m = format!(
                 "tenant {} already holds its maximum of {limit} live sessions",
                 tenant.name

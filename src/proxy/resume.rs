@@ -75,7 +75,7 @@ impl ClientConn {
         }
         let b = placed.and_then(|p| self.shared.pool.get(&p.backend))?;
         let limit = b.max_sessions?;
-        (b.live_sessions() >= limit).then(|| {
+        (b.fleet_sessions() >= limit).then(|| {
             let m = format!(
                 "backend {} already holds its maximum of {limit} live sessions",
                 b.name

@@ -326,6 +326,16 @@ fn sync_in(
 }
 
 impl Store for Embedded {
+    /// One process has the file: there are no other replicas to count.
+    async fn share_live(
+        &self,
+        _me: &str,
+        _mine: &super::LiveCounts,
+        _ttl: std::time::Duration,
+    ) -> Result<super::LiveCounts, StoreError> {
+        Ok(super::LiveCounts::default())
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
         read(&self.db, id)
     }

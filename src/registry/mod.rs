@@ -120,6 +120,14 @@ pub enum StoreError {
     CommitFailed(String),
 }
 
+/// Live sessions by owning tenant and by backend: what one replica holds (published), or
+/// what all the others hold (summed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LiveCounts {
+    pub(crate) tenants: std::collections::HashMap<String, u64>,
+    pub(crate) backends: std::collections::HashMap<String, u64>,
+}
+
 /// What a registry store does; [`suite`] runs the same tests against every implementation.
 pub(crate) trait Store: Send + Sync + 'static {
     /// The record of `id`, if any.
@@ -150,6 +158,14 @@ pub(crate) trait Store: Send + Sync + 'static {
         &self,
         held: &[(String, Record)],
     ) -> impl Future<Output = Result<Vec<(String, Record)>, StoreError>> + Send;
+    /// Publishes what replica `me` holds live (kept for `ttl`, so a replica that dies stops
+    /// counting) and returns the sum of what every other live replica published.
+    fn share_live(
+        &self,
+        me: &str,
+        mine: &LiveCounts,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<LiveCounts, StoreError>> + Send;
 }
 
 /// Why the registry could not be opened.
@@ -190,6 +206,10 @@ macro_rules! with_store {
 /// The session registry: the cache and the store behind it.
 pub struct Registry {
     table: SessionTable,
+    /// This process's name in the fleet's published live counts.
+    replica: String,
+    /// Live sessions per tenant held through other replicas, as of the last sync.
+    elsewhere: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     store: Kind,
     timeout: Duration,
     sync_every: Duration,
@@ -219,6 +239,8 @@ impl Registry {
     fn with(store: Kind, timeout: Duration, sync_every: Duration) -> Registry {
         Registry {
             table: SessionTable::default(),
+            replica: uuid::Uuid::new_v4().to_string(),
+            elsewhere: std::sync::Mutex::new(std::collections::HashMap::new()),
             store,
             timeout,
             sync_every,
@@ -338,6 +360,31 @@ impl Registry {
     /// Live sessions owned by `owner` on this replica.
     pub fn live_owned_by(&self, owner: &str) -> u64 {
         self.table.live_owned_by(owner)
+    }
+
+    /// Live sessions owned by `owner` across the fleet (other replicas' share as of the last
+    /// sync): what a tenant's `max_sessions` counts.
+    pub fn fleet_owned_by(&self, owner: &str) -> u64 {
+        let others = self
+            .elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(owner)
+            .copied()
+            .unwrap_or(0);
+        self.live_owned_by(owner) + others
+    }
+
+    /// What this replica holds live, by tenant and by backend.
+    fn my_live(&self) -> LiveCounts {
+        let mut c = LiveCounts::default();
+        for (_, p) in self.table.snapshot() {
+            if p.live_conns > 0 {
+                *c.tenants.entry(p.owner).or_default() += 1;
+                *c.backends.entry(p.backend).or_default() += 1;
+            }
+        }
+        c
     }
 
     /// The cache, sorted by id (admin API, hygiene).
@@ -485,8 +532,9 @@ impl Registry {
     }
 
     /// Keeps the store in step with what this replica holds, every `state.sync_interval`,
-    /// until `stop`: last-used times, re-assertion after the store lost its data, and the
-    /// cache corrected where another replica moved or re-owned a session.
+    /// until `stop`: last-used times, re-assertion after the store lost its data, the cache
+    /// corrected where another replica moved or re-owned a session, and the fleet's live
+    /// counts exchanged (so caps and bounded load count every replica's sessions).
     pub async fn sync_loop(&self, pool: &Pool, stop: CancellationToken) {
         if !self.shared_store() {
             return;
@@ -497,34 +545,62 @@ impl Registry {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.sync_every) => {}
             }
-            let held: Vec<(String, Record)> = self
-                .table
-                .snapshot()
-                .into_iter()
-                .filter(|(_, p)| p.live_conns > 0 || p.last_seen >= since)
-                .map(|(id, p)| {
-                    let r = Record::of(&p);
-                    (id, r)
-                })
-                .collect();
-            if held.is_empty() {
-                since = Instant::now();
-                continue;
-            }
             let started = Instant::now();
-            match with_store!(self, s => self.guarded(s.sync(&held)).await) {
-                Ok(differs) => {
-                    since = started;
-                    for (id, r) in differs {
-                        warn!(session = %id, backend = %r.backend, epoch = r.epoch, "registry record differs from this replica's; following the record");
-                        self.table.replace(&id, &r.owner, &r.backend, r.epoch, pool);
-                    }
+            if self.sync_once(pool, since).await {
+                since = started;
+            }
+            self.share_live(pool).await;
+        }
+    }
+
+    /// One sync of the sessions used since `since` or held now; whether it went through.
+    async fn sync_once(&self, pool: &Pool, since: Instant) -> bool {
+        let held: Vec<(String, Record)> = self
+            .table
+            .snapshot()
+            .into_iter()
+            .filter(|(_, p)| p.live_conns > 0 || p.last_seen >= since)
+            .map(|(id, p)| {
+                let r = Record::of(&p);
+                (id, r)
+            })
+            .collect();
+        if held.is_empty() {
+            return true;
+        }
+        match with_store!(self, s => self.guarded(s.sync(&held)).await) {
+            Ok(differs) => {
+                for (id, r) in differs {
+                    warn!(session = %id, backend = %r.backend, epoch = r.epoch, "registry record differs from this replica's; following the record");
+                    self.table.replace(&id, &r.owner, &r.backend, r.epoch, pool);
                 }
-                Err(e) => {
-                    warn!(error = %e, sessions = held.len(), "session registry sync failed; retrying next interval")
-                }
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, sessions = held.len(), "session registry sync failed; retrying next interval");
+                false
             }
         }
+    }
+
+    /// Publishes this replica's live counts and takes in the others'. A failure keeps the
+    /// last known counts (they only ever make caps stricter for one interval).
+    async fn share_live(&self, pool: &Pool) {
+        let mine = self.my_live();
+        let ttl = self.sync_every * 3;
+        let others =
+            with_store!(self, s => self.guarded(s.share_live(&self.replica, &mine, ttl)).await);
+        let others = match others {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "fleet live counts not exchanged; keeping the last ones");
+                return;
+            }
+        };
+        for b in pool.all().iter() {
+            b.set_elsewhere(others.backends.get(&b.name).copied().unwrap_or(0));
+        }
+        *self.elsewhere.lock().unwrap_or_else(|e| e.into_inner()) = others.tenants;
     }
 
     /// Follows other replicas' moves and deletes (Redis pub/sub) until `stop`, so the cache

@@ -67,6 +67,26 @@ end
 return out
 ";
 
+/// KEYS: the replicas' sorted set (score: expiry), this replica's counts hash. ARGV: now ms,
+/// ttl ms, this replica's id, the prefix of every replica's counts hash, then field/value
+/// pairs (`t:<tenant>`, `b:<backend>`). Returns every other live replica's pairs, flattened.
+const SHARE_LIVE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+redis.call('DEL', KEYS[2])
+if #ARGV > 4 then
+  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i+1]) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if id ~= ARGV[3] then
+    for _, x in ipairs(redis.call('HGETALL', ARGV[4] .. id)) do table.insert(out, x) end
+  end
+end
+return out
+";
+
 /// Session records in Redis.
 pub(crate) struct RedisStore {
     client: Client,
@@ -77,6 +97,7 @@ pub(crate) struct RedisStore {
     moves: Script,
     remove: Script,
     sync: Script,
+    share: Script,
 }
 
 /// A move or delete, as announced to the other replicas.
@@ -151,6 +172,7 @@ impl RedisStore {
             moves: Script::new(MOVE),
             remove: Script::new(REMOVE),
             sync: Script::new(SYNC),
+            share: Script::new(SHARE_LIVE),
         })
     }
 
@@ -282,6 +304,41 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    async fn share_live(
+        &self,
+        me: &str,
+        mine: &super::LiveCounts,
+        ttl: Duration,
+    ) -> Result<super::LiveCounts, StoreError> {
+        let mut c = self.conn().await?;
+        let live = format!("{}live:", self.prefix);
+        let mut inv = self.share.prepare_invoke();
+        inv.key(format!("{}replicas", self.prefix))
+            .key(format!("{live}{me}"))
+            .arg(super::now_ms())
+            .arg(ttl.as_millis() as u64)
+            .arg(me)
+            .arg(&live);
+        for (t, n) in &mine.tenants {
+            inv.arg(format!("t:{t}")).arg(*n);
+        }
+        for (b, n) in &mine.backends {
+            inv.arg(format!("b:{b}")).arg(*n);
+        }
+        let flat: Vec<String> = inv.invoke_async(&mut c).await?;
+        let mut others = super::LiveCounts::default();
+        for kv in flat.chunks(2) {
+            let [k, v] = kv else { break };
+            let n: u64 = v.parse().unwrap_or(0);
+            if let Some(t) = k.strip_prefix("t:") {
+                *others.tenants.entry(t.to_string()).or_default() += n;
+            } else if let Some(b) = k.strip_prefix("b:") {
+                *others.backends.entry(b.to_string()).or_default() += n;
+            }
+        }
+        Ok(others)
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
         let mut c = self.conn().await?;
         let flat: Vec<String> = c.hgetall(self.key(id)).await?;

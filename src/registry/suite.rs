@@ -259,3 +259,35 @@ async fn a_restarted_empty_redis_is_refilled_by_the_replicas_that_hold_sessions(
     stop.cancel();
     assert_eq!((r.owner.as_str(), r.backend.as_str()), ("a", "b1"));
 }
+
+#[tokio::test]
+async fn replicas_see_each_others_live_counts_until_one_stops_publishing() {
+    let server = RedisServer::start().expect("redis-server");
+    let s = RedisStore::new(&redis_config(&server.url(), "l:")).unwrap();
+    let mut mine = LiveCounts::default();
+    mine.tenants.insert("a".into(), 2);
+    mine.backends.insert("b1".into(), 2);
+    let ttl = Duration::from_millis(400);
+    assert_eq!(
+        s.share_live("r1", &mine, ttl).await.unwrap(),
+        LiveCounts::default()
+    );
+    let mut two = LiveCounts::default();
+    two.tenants.insert("a".into(), 1);
+    two.backends.insert("b2".into(), 1);
+    let seen_by_2 = s.share_live("r2", &two, ttl).await.unwrap();
+    assert_eq!(seen_by_2, mine);
+    let seen_by_3 = s
+        .share_live("r3", &LiveCounts::default(), ttl)
+        .await
+        .unwrap();
+    assert_eq!(seen_by_3.tenants.get("a"), Some(&3));
+    assert_eq!(seen_by_3.backends.get("b2"), Some(&1));
+    // r1 and r2 stop publishing (died): their counts expire with them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = s
+        .share_live("r3", &LiveCounts::default(), ttl)
+        .await
+        .unwrap();
+    assert_eq!(later, LiveCounts::default());
+}
