@@ -368,7 +368,24 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     cfg.health.fall = 2;
     cfg.limits.connect_timeout = copilot_lb::config::Millis(Duration::from_millis(500));
     cfg.limits.handshake_timeout = copilot_lb::config::Millis(Duration::from_millis(1000));
+    cfg.routing.allow_global = FAKE_METHODS.iter().map(|m| m.to_string()).collect();
     cfg
+}
+
+/// The fake CLI's own test methods, which the routing table does not know: the tests' config
+/// forwards them the way an operator would forward a CLI's extension methods.
+pub const FAKE_METHODS: &[&str] = &[
+    "test.echo",
+    "test.sleep",
+    "test.stream",
+    "test.null",
+    "test.callClient",
+    "test.whoami",
+];
+
+/// `routing:` for a YAML config that forwards [`FAKE_METHODS`].
+pub fn fake_routing_yaml() -> String {
+    format!("routing: {{allow_global: [{}]}}\n", FAKE_METHODS.join(", "))
 }
 
 /// Starts the proxy in-process.
