@@ -167,10 +167,12 @@ pub(crate) fn table_markdown() -> String {
         row(
             pick(&|e: &Entry| e.route == Route::Denied(*d)),
             "–",
-            &format!("refused (-32601): {}", why(*d)),
+            &format!("refused (-32601, class `{}`): {}", d.label(), why(*d)),
         );
     }
-    out.push_str("\n¹ not in the CLI's schema; sent by the SDKs and still served by the CLI.\n");
+    out.push_str(
+        "\n¹ not in the CLI's schema: sent by an SDK, or still served by the CLI for older SDKs.\n",
+    );
     out
 }
 
