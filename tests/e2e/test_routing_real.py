@@ -64,7 +64,7 @@ routing:
             b.stop()
         model.stop()
     request.addfinalizer(fin)
-    return {"proxy": proxy, "backend": backends[0], "model": model}
+    return {"proxy": proxy, "backend": backends[0], "model": model, "run_dir": run_dir}
 
 
 def proxy_refusal(reply: dict) -> dict:
@@ -89,9 +89,11 @@ def test_unclassified_methods_are_refused_naming_the_setting(edge):
             err = proxy_refusal(await c.call("account.getCurrentAuth", {}))
             assert err["code"] == -32601 and "routing.allow_global" in err["message"], err
             # Refused on purpose: no setting forwards it.
+            target = edge["run_dir"] / "written-by-the-cli.json"
             err = proxy_refusal(await c.call("persistence.writeRawJsonLocked",
-                                             {"path": "/tmp/lb-e2e.json", "dataJson": "{}"}))
+                                             {"path": str(target), "dataJson": "{}"}))
             assert err["code"] == -32601 and "internal" in err["message"], err
+            assert not target.exists(), "the CLI wrote a file for a refused call"
         finally:
             c.abort()
     run(go())
