@@ -187,6 +187,8 @@ fn spawn_lb(
         yaml.push_str(&format!("  - address: {b}\n"));
     }
     yaml.push_str("limits:\n  max_connections: 40000\nlog:\n  level: warn\n");
+    // The fake CLI's test methods are not in the routing table.
+    yaml.push_str("routing:\n  allow_global: [test.echo, test.stream]\n");
     yaml.push_str(extra);
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).unwrap();

@@ -12,6 +12,16 @@ use tracing::info;
 use tracing::{error, warn};
 use tracing_subscriber::EnvFilter;
 
+/// The routing table and the config's additions as JSON (`copilot-lb routes`).
+pub fn routing_table(routing: &crate::config::RoutingConfig) -> serde_json::Value {
+    crate::route::table_json(&routing.allow_global, &routing.allow_session)
+}
+
+/// The routing table as the README's Markdown (`copilot-lb routes --markdown`).
+pub fn routing_table_markdown() -> String {
+    crate::route::table_markdown()
+}
+
 /// Installs the tracing subscriber (RUST_LOG wins over the config's level).
 pub fn init_logging(cfg: &Config) {
     let level = cfg.log.level.clone().unwrap_or_else(|| "info".into());

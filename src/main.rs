@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use copilot_lb::config::{self, Config, Overrides};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -49,6 +50,15 @@ enum Cmd {
         config: PathBuf,
         /// Session id.
         session_id: String,
+    },
+    /// Print the method routing table (what is forwarded, how, and what is refused) as JSON.
+    Routes {
+        /// Include this config's routing.allow_global / allow_session.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The README's Markdown table instead of JSON.
+        #[arg(long)]
+        markdown: bool,
     },
     /// Print the hash of a client token, for tenants[].token_hashes (reads stdin if no arg).
     HashToken {
@@ -150,6 +160,23 @@ fn main() -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Cmd::Routes { config, markdown } => {
+            let text = if markdown {
+                copilot_lb::app::routing_table_markdown()
+            } else {
+                let routing = match config {
+                    Some(p) => load(&p)?.routing,
+                    None => Default::default(),
+                };
+                let table = copilot_lb::app::routing_table(&routing);
+                serde_json::to_string_pretty(&table)? + "\n"
+            };
+            // Piped into `head` or `grep -q`: a reader that stops early is not an error.
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Cmd::HashToken { token } => {
             let token = match token {

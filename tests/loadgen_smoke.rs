@@ -21,7 +21,7 @@ async fn smoke() {
     let dir = tempfile::tempdir().unwrap();
     let tls = lg::mtls_pki(dir.path());
     let yaml = format!(
-        "listeners:\n  - listen: 127.0.0.1:0\n{}backends:\n  - address: {}\nlog: {{ level: warn }}\nstate: {{ path: {} }}\n",
+        "listeners:\n  - listen: 127.0.0.1:0\n{}backends:\n  - address: {}\nlog: {{ level: warn }}\nrouting: {{ allow_global: [test.echo, test.stream] }}\nstate: {{ path: {} }}\n",
         lg::tls_listener_yaml(dir.path(), "127.0.0.1:0"),
         fake.addr(),
         dir.path().join("state.redb").display()

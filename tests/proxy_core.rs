@@ -438,12 +438,15 @@ async fn bad_input_is_answered_like_the_cli() {
         assert_eq!(f.error_code(), Some(-32600), "{}", f.text());
         c.ok("ping", json!({})).await;
 
-        // Unknown method: forwarded, backend's -32601.
+        // Unknown method: refused by the proxy's routing table, with the setting that would
+        // forward it; no backend sees it.
         let f = c.call("no.such.method", json!({})).await;
         assert_eq!(f.error_code(), Some(-32601), "{}", f.text());
-        assert_eq!(f.json["error"]["message"], "Unhandled method no.such.method");
+        assert_eq!(f.json["error"]["data"]["source"], "copilot-lb", "{}", f.text());
+        let msg = f.json["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains("routing.allow_global"), "{msg}");
         let reached: u64 = fakes.iter().map(|f| f.requests("no.such.method")).sum();
-        assert_eq!(reached, 1);
+        assert_eq!(reached, 0);
 
         // Oversized frame: -32014 with the request's id; next request still works.
         let payload = "y".repeat(100 * 1024);

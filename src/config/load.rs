@@ -216,6 +216,7 @@ impl Config {
         if self.health.interval.0.is_zero() || self.health.timeout.0.is_zero() {
             problems.push("health.interval and health.timeout must be positive".into());
         }
+        self.routing.check(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -363,5 +364,41 @@ impl super::StateConfig {
             p.push("state.sync_interval must be at least 100ms".into());
         }
         p
+    }
+}
+
+impl RoutingConfig {
+    /// Every name is a method the routing table does not know, or one it refuses in the one
+    /// class an operator may override (`host`), and appears once over both lists.
+    fn check(&self, problems: &mut Vec<String>) {
+        let mut seen = HashSet::new();
+        let lists = [
+            ("allow_global", &self.allow_global),
+            ("allow_session", &self.allow_session),
+        ];
+        for (list, names) in lists {
+            for m in names.iter() {
+                let w = format!("routing.{list}: {m:?}");
+                if m.is_empty() || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    problems.push(format!("{w} is not a method name"));
+                    continue;
+                }
+                if !seen.insert(m.as_str()) {
+                    problems.push(format!("{w} is listed more than once"));
+                    continue;
+                }
+                match crate::route::lookup(m).map(|e| e.route) {
+                    None => {}
+                    Some(crate::route::Route::Denied(d)) if d.overridable() => {}
+                    Some(crate::route::Route::Denied(d)) => problems.push(format!(
+                        "{w} is refused by copilot-lb on purpose ({}), which no setting changes",
+                        d.label()
+                    )),
+                    Some(_) => problems.push(format!(
+                        "{w} is already forwarded by copilot-lb's routing table (see `copilot-lb routes`)"
+                    )),
+                }
+            }
+        }
     }
 }

@@ -85,6 +85,9 @@ pub struct Config {
     /// The session registry: who owns each session and where it lives (read at start-up).
     #[serde(default)]
     pub state: StateConfig,
+    /// Methods the routing table does not forward that an operator allows anyway.
+    #[serde(default)]
+    pub routing: RoutingConfig,
 }
 
 /// Which store holds the session registry.
@@ -211,6 +214,34 @@ impl StateConfig {
             return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
         }
         Ok(None)
+    }
+}
+
+/// Additions to the routing table, which refuses every method it does not list: methods a
+/// newer CLI added, or a CLI's own extensions, that this deployment wants forwarded.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Forwarded to any healthy backend (routed by `params.sessionId`, ownership checked,
+    /// when the request carries one). Also accepts the table's host-state methods.
+    #[serde(default)]
+    pub allow_global: Vec<String>,
+    /// Session-scoped: routed by `params.sessionId`, which the request must carry.
+    #[serde(default)]
+    pub allow_session: Vec<String>,
+}
+
+impl RoutingConfig {
+    /// How `method` is allowed, if it is. Linear: asked only for methods the table refuses,
+    /// and the lists are a handful of names.
+    pub(crate) fn allowance(&self, method: &str) -> Option<crate::route::Allowed> {
+        if self.allow_session.iter().any(|m| m == method) {
+            Some(crate::route::Allowed::Session)
+        } else if self.allow_global.iter().any(|m| m == method) {
+            Some(crate::route::Allowed::Global)
+        } else {
+            None
+        }
     }
 }
 

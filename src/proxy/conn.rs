@@ -393,7 +393,8 @@ impl ClientConn {
     }
 
     async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
-        match intake(body, self.shared.max_json_depth()) {
+        let cfg = self.shared.config();
+        match intake(body, cfg.limits.max_json_depth, &cfg.routing) {
             Intake::Request(req) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 self.on_request(req).await
@@ -432,6 +433,9 @@ impl ClientConn {
                     None,
                 )
                 .await;
+        }
+        if !req.other_sessions.is_empty() && !self.check_named(&req).await {
+            return;
         }
         match req.route {
             Route::Local => self.local(req).await,

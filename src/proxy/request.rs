@@ -2,6 +2,7 @@
 //! callback, a notification, or something refused before routing. Pure: bytes in, a decision
 //! out, nothing sent.
 
+use crate::config::RoutingConfig;
 use crate::envelope::{self, Kind};
 use crate::route::{self, Denial, Route};
 use crate::rpc;
@@ -21,8 +22,10 @@ pub(crate) struct ClientReq {
     pub(crate) id_span: (usize, usize),
     /// Method name.
     pub(crate) method: String,
-    /// Session the request is about, if any.
+    /// Session the request is about (and is routed by), if any.
     pub(crate) session: Option<String>,
+    /// Every other session its params name: the caller must own each, too.
+    pub(crate) other_sessions: Vec<route::Other>,
     /// Route class.
     pub(crate) route: Route,
     /// When the proxy read it.
@@ -71,8 +74,9 @@ pub(crate) enum Intake {
     Notification { method: String },
 }
 
-/// Classifies one client frame. `max_depth` is `limits.max_json_depth`.
-pub(crate) fn intake(body: Bytes, max_depth: usize) -> Intake {
+/// Classifies one client frame. `max_depth` is `limits.max_json_depth`; `routing` is what the
+/// operator allows beyond the routing table.
+pub(crate) fn intake(body: Bytes, max_depth: usize, routing: &RoutingConfig) -> Intake {
     let env = match envelope::check_text(&body, max_depth).and_then(|()| envelope::parse(&body)) {
         Ok(e) => e,
         Err(e) => {
@@ -107,28 +111,38 @@ pub(crate) fn intake(body: Bytes, max_depth: usize) -> Intake {
             let session = env.session_id.as_deref().map(str::to_string);
             let params_ok = env.params_is_object;
             drop(env);
+            let entry = route::lookup(&method);
+            let route = route::decide(entry, session.is_some(), || routing.allowance(&method));
             let mut req = ClientReq {
-                route: route::classify(&method, session.is_some()),
+                session: session.filter(|_| route.uses_session()),
+                route,
                 body,
                 id,
                 id_span,
                 method,
-                session,
+                other_sessions: Vec::new(),
                 started: Instant::now(),
                 fresh: false,
                 attempts: 0,
                 avoid: Vec::new(),
             };
-            if route::SPECIAL_SESSION_FIELDS.contains(&req.method.as_str()) {
+            // Only the few methods with session fields beyond `params.sessionId` pay for a
+            // parse of their params; a refused request needs none.
+            if let Some(e) =
+                entry.filter(|e| e.reads_params() && !matches!(req.route, Route::Denied(_)))
+            {
                 let params: Value = envelope::raw_params(&req.body)
                     .and_then(|p| serde_json::from_str(p).ok())
                     .unwrap_or(Value::Null);
-                match route::special(&req.method, &params) {
-                    Ok((sid, r)) => {
-                        req.session = Some(sid);
-                        req.route = r;
+                match route::named(e, &params, req.session.take()) {
+                    Ok(n) => {
+                        req.session = n.session;
+                        req.route = n.route;
+                        req.other_sessions = n.others;
                     }
                     Err(why) => {
+                        // As for a `params.sessionId` that is not a string: the method, in
+                        // that form, is one copilot-lb cannot route.
                         req.route = Route::Denied(Denial::MissingSessionId);
                         let data = rpc::data(false, json!({"method": req.method}));
                         return Intake::Refused {
@@ -140,7 +154,13 @@ pub(crate) fn intake(body: Bytes, max_depth: usize) -> Intake {
                     }
                 }
             }
-            if let Some(sid) = req.session.as_deref().filter(|s| route::uuid_alias(s)) {
+            let aliased = req
+                .session
+                .iter()
+                .chain(req.other_sessions.iter().map(|o| &o.id))
+                .find(|s| route::uuid_alias(s))
+                .cloned();
+            if let Some(sid) = aliased {
                 return Intake::Refused {
                     message: format!("session id {sid:?} has the shape of a partial or upper-case UUID, which the CLI would resolve to whichever session it matches; send the session's full lower-case id"),
                     data: rpc::data(false, json!({"sessionId": sid})),
@@ -166,7 +186,11 @@ mod tests {
     use super::*;
 
     fn take(body: &str) -> Intake {
-        intake(Bytes::from(body.to_string()), 128)
+        intake(
+            Bytes::from(body.to_string()),
+            128,
+            &RoutingConfig::default(),
+        )
     }
 
     #[test]
@@ -197,6 +221,69 @@ mod tests {
         };
         assert_eq!(code, rpc::METHOD_NOT_FOUND);
         assert_eq!(req.class(), "denied");
+    }
+
+    #[test]
+    fn other_session_fields_travel_with_the_request() {
+        let Intake::Request(r) = take(
+            r#"{"jsonrpc":"2.0","id":1,"method":"session.mode.set","params":{"sessionId":"s","mode":"plan","inheritPlanBaseFromSessionId":"t"}}"#,
+        ) else {
+            panic!("not a request")
+        };
+        assert_eq!((r.route, r.session.as_deref()), (Route::Session, Some("s")));
+        let others: Vec<(&str, bool)> = r
+            .other_sessions
+            .iter()
+            .map(|o| (o.id.as_str(), o.colocated))
+            .collect();
+        assert_eq!(others, [("t", true)]);
+        // A method with no such field carries none, and a global one no session at all.
+        let Intake::Request(r) =
+            take(r#"{"jsonrpc":"2.0","id":2,"method":"models.list","params":{"sessionId":"s"}}"#)
+        else {
+            panic!("not a request")
+        };
+        assert_eq!(
+            (r.route, r.session, r.other_sessions.len()),
+            (Route::Global, None, 0)
+        );
+    }
+
+    #[test]
+    fn an_alias_in_any_session_field_is_refused() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"session.mode.set","params":{"sessionId":"s","inheritPlanBaseFromSessionId":"3F2A9C4E"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"sessions.getClientMetadata","params":{"sessionIds":["s","3f2a9c4e-1b7d"]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"sessions.transferRemoteControl","params":{"toSessionId":"s","expectedFromSessionId":"3f2a9c4"}}"#,
+        ] {
+            assert!(
+                matches!(
+                    take(body),
+                    Intake::Refused {
+                        code: rpc::INVALID_PARAMS,
+                        ..
+                    }
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn unlisted_methods_are_refused_unless_the_operator_allows_them() {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"x.new","params":{}}"#;
+        let Intake::Request(r) = take(body) else {
+            panic!("not a request")
+        };
+        assert_eq!(r.route, Route::Denied(Denial::Unlisted));
+        let routing = RoutingConfig {
+            allow_global: vec!["x.new".into()],
+            allow_session: vec![],
+        };
+        let Intake::Request(r) = intake(Bytes::from(body), 128, &routing) else {
+            panic!("not a request")
+        };
+        assert_eq!(r.route, Route::Global);
     }
 
     #[test]

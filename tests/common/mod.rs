@@ -369,6 +369,7 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     cfg.health.fall = 2;
     cfg.limits.connect_timeout = copilot_lb::config::Millis(Duration::from_millis(500));
     cfg.limits.handshake_timeout = copilot_lb::config::Millis(Duration::from_millis(1000));
+    cfg.routing.allow_global = FAKE_METHODS.iter().map(|m| m.to_string()).collect();
     cfg
 }
 
@@ -381,6 +382,22 @@ pub fn own_state(cfg: &mut Config) {
         let _ = std::fs::create_dir_all(&dir);
         cfg.state.path = Some(dir.join(format!("{}.redb", uuid::Uuid::new_v4())));
     }
+}
+
+/// The fake CLI's own test methods, which the routing table does not know: the tests' config
+/// forwards them the way an operator would forward a CLI's extension methods.
+pub const FAKE_METHODS: &[&str] = &[
+    "test.echo",
+    "test.sleep",
+    "test.stream",
+    "test.null",
+    "test.callClient",
+    "test.whoami",
+];
+
+/// `routing:` for a YAML config that forwards [`FAKE_METHODS`].
+pub fn fake_routing_yaml() -> String {
+    format!("routing: {{allow_global: [{}]}}\n", FAKE_METHODS.join(", "))
 }
 
 /// Starts the proxy in-process.

@@ -42,6 +42,57 @@ impl ClientConn {
         ok
     }
 
+    /// Every session a request names besides the one it is routed by: the caller must own
+    /// each, and one the CLI reads in its own process must live on the routing session's
+    /// backend, where the request goes. Returns false after answering.
+    pub(super) async fn check_named(&self, req: &ClientReq) -> bool {
+        for o in &req.other_sessions {
+            if !self.check_owner(req, &o.id).await {
+                return false;
+            }
+        }
+        // Placements are compared only once the routing session is known and the caller's
+        // (its own check comes later, on the route): a refusal must not tell a caller where
+        // someone else's session lives.
+        let home = match req.session.as_deref() {
+            Some(s) => {
+                let tenant = self.tenant();
+                let known = self
+                    .shared
+                    .sessions
+                    .owner(s, &tenant.name, &self.shared.pool)
+                    .await
+                    .map_err(|_| ());
+                self.visible(s, known)
+                    .then(|| self.shared.sessions.get(s).map(|p| p.backend))
+                    .flatten()
+            }
+            None => None,
+        };
+        let Some(home) = home else {
+            return true;
+        };
+        let elsewhere = req.other_sessions.iter().find(|o| {
+            o.colocated
+                && self
+                    .shared
+                    .sessions
+                    .get(&o.id)
+                    .is_some_and(|p| p.backend != home)
+        });
+        if let Some(o) = elsewhere {
+            let sid = req.session.as_deref().unwrap_or("");
+            let m = format!(
+                "{} names sessions {sid} and {} that live on different CLI servers; copilot-lb forwards a request to one server, whose CLI cannot read the other session",
+                req.method, o.id
+            );
+            let data = rpc::data(false, json!({"sessionIds": [sid, o.id]}));
+            self.fail(req, rpc::INVALID_PARAMS, &m, data).await;
+            return false;
+        }
+        true
+    }
+
     /// Whether this client's tenant may see a session (lists); `known` is what the registry
     /// said of it (`Err`: it could not say, so the session is hidden).
     pub(super) fn visible(&self, sid: &str, known: Result<Option<bool>, ()>) -> bool {
