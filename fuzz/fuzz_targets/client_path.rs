@@ -128,8 +128,11 @@ fn env() -> &'static Env {
                 listen: Some("127.0.0.1:0".into()),
                 backends: vec![fake.addr().to_string()],
                 admin: None,
+                state_path: None,
             };
             let mut cfg = Config::default().apply(&o, "fuzz").expect("config");
+            // No file per fuzz process; the registry's own logic has its suite.
+            cfg.state.kind = copilot_lb::config::StateKind::Memory;
             cfg.limits.max_frame_bytes = MAX_FRAME;
             cfg.limits.max_header_bytes = MAX_HEADER;
             // The fake's own methods are not in the routing table: forwarded as an operator
