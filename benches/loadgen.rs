@@ -187,16 +187,27 @@ fn spawn_lb(
         yaml.push_str(&format!("  - address: {b}\n"));
     }
     yaml.push_str("limits:\n  max_connections: 40000\nlog:\n  level: warn\n");
-    // The fake CLI's test methods are not in the routing table.
-    yaml.push_str("routing:\n  allow_global: [test.echo, test.stream]\n");
     yaml.push_str(extra);
-    let cfg = dir.join(format!("{name}.yaml"));
-    std::fs::write(&cfg, yaml).unwrap();
     // LG_LB_BIN: another copilot-lb build for the plain and mTLS columns (A/B comparisons).
     let bin = std::env::var("LG_LB_BIN")
         .ok()
         .filter(|b| !b.is_empty() && (name == "copilot-lb" || name == "copilot-lb-mtls"))
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_copilot-lb").into());
+    let cfg = dir.join(format!("{name}.yaml"));
+    // The fake CLI's test methods are not in the routing table; a build from before the
+    // allow-list forwards them anyway and refuses the setting, so it gets the file without.
+    let routed = format!("{yaml}routing:\n  allow_global: [test.echo, test.stream]\n");
+    std::fs::write(&cfg, &routed).unwrap();
+    let knows_routing = Command::new(&bin)
+        .arg("check-config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !knows_routing {
+        std::fs::write(&cfg, yaml).unwrap();
+    }
     // Its own working directory: the default embedded registry file lives there, and an older
     // build (LG_LB_BIN) may not know `--state-path`.
     let cwd = dir.join(format!("{name}.run"));
