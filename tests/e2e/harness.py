@@ -593,3 +593,120 @@ def cleanup_dir(path: Path) -> None:
     if os.environ.get("COPILOT_LB_E2E_KEEP") == "1":
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# a real redis-server (the session registry of a fleet of copilot-lb replicas)
+# ---------------------------------------------------------------------------------------
+REDIS_SERVER = os.environ.get("REDIS_SERVER", "redis-server")
+
+
+def _resp_encode(args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def _resp_read(f):
+    line = f.readline()
+    if not line:
+        raise ConnectionError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(f"redis error: {rest.decode()}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)
+        return data[:-2].decode("utf-8", "replace")
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_resp_read(f) for _ in range(n)]
+    raise RuntimeError(f"unexpected redis reply {line!r}")
+
+
+@dataclass
+class Redis:
+    """One `redis-server` on a loopback port, no persistence (a restart comes back empty)."""
+    port: int
+    run_dir: Path
+    proc: Proc
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def command(self, *args, timeout: float = 5.0):
+        """One command on a fresh connection (RESP); the decoded reply."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=timeout) as s:
+            s.sendall(_resp_encode(args))
+            with s.makefile("rb") as f:
+                return _resp_read(f)
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        return sorted(self.command("KEYS", pattern))
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        flat = self.command("HGETALL", key) or []
+        return dict(zip(flat[::2], flat[1::2]))
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING", timeout=0.5) == "PONG"
+        except (OSError, RuntimeError, ConnectionError):
+            return False
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a stalled Redis)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def restart_empty(self, timeout: float = 10.0) -> None:
+        """kill -9 and start again on the same port with nothing in it."""
+        self.stop()
+        self.proc = _spawn_redis(self.port, self.run_dir, timeout)
+
+    def stop(self) -> None:
+        if self.proc.alive():
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+            except ProcessLookupError:
+                pass
+        self.proc.kill9()
+        self.proc.stop(timeout=1)
+
+
+def _spawn_redis(port: int, run_dir: Path, timeout: float) -> Proc:
+    data = Path(run_dir) / "redis-data"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [REDIS_SERVER, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes", "--dir", str(data)]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+    try:
+        proc = Proc(f"redis-{port}", argv, env=env, cwd=Path(run_dir), log_path=Path(run_dir) / f"redis-{port}.log")
+    except FileNotFoundError as e:
+        raise RuntimeError(f"{REDIS_SERVER} not installed (scripts/install-test-deps.sh installs it): {e}") from e
+    probe = Redis(port=port, run_dir=Path(run_dir), proc=proc)
+    deadline = time.monotonic() + timeout
+    while not probe.ping():
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"redis-server on port {port} not answering PING; log:\n{proc.tail()}")
+        time.sleep(0.02)
+    return proc
+
+
+def start_redis(run_dir: Path, port: int | None = None, timeout: float = 10.0) -> Redis:
+    """Start `redis-server` on a free loopback port with its own temp dir; stop() at teardown."""
+    port = port or free_port()
+    return Redis(port=port, run_dir=Path(run_dir), proc=_spawn_redis(port, run_dir, timeout))
