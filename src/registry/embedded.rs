@@ -52,6 +52,7 @@ enum Op {
         Option<u64>,
         oneshot::Sender<Result<bool, StoreError>>,
     ),
+    Undo(String, Record, oneshot::Sender<Result<bool, StoreError>>),
     Sync(
         Vec<(String, Record)>,
         oneshot::Sender<Result<Vec<(String, Record)>, StoreError>>,
@@ -236,6 +237,7 @@ fn apply(t: &mut redb::Table<&str, &[u8]>, op: Op) -> Answer {
         Op::Create(id, rec, tx) => Answer::Create(create_in(t, &id, &rec), tx),
         Op::Move(id, epoch, backend, tx) => Answer::Move(move_in(t, &id, epoch, backend), tx),
         Op::Remove(id, epoch, tx) => Answer::Remove(remove_in(t, &id, epoch), tx),
+        Op::Undo(id, rec, tx) => Answer::Remove(undo_in(t, &id, &rec), tx),
         Op::Sync(held, tx) => Answer::Sync(sync_in(t, &held), tx),
     }
 }
@@ -303,6 +305,22 @@ fn remove_in(
     }
 }
 
+fn undo_in(t: &mut redb::Table<&str, &[u8]>, id: &str, rec: &Record) -> Result<bool, StoreError> {
+    match get_in(t, id)? {
+        Some(r) if same_create(&r, rec) => {
+            t.remove(id).map_err(redb::Error::from)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Whether `r` is the record `rec` created (last-used times move; nothing else may).
+fn same_create(r: &Record, rec: &Record) -> bool {
+    (&r.owner, &r.backend, r.epoch, r.created_ms)
+        == (&rec.owner, &rec.backend, rec.epoch, rec.created_ms)
+}
+
 fn sync_in(
     t: &mut redb::Table<&str, &[u8]>,
     held: &[(String, Record)],
@@ -353,6 +371,11 @@ impl Store for Embedded {
     async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.ask(|tx| Op::Remove(id, epoch, tx)).await
+    }
+
+    async fn undo_create(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
+        let (id, rec) = (id.to_string(), rec.clone());
+        self.ask(|tx| Op::Undo(id, rec, tx)).await
     }
 
     async fn sync(&self, held: &[(String, Record)]) -> Result<Vec<(String, Record)>, StoreError> {

@@ -158,6 +158,14 @@ pub(crate) trait Store: Send + Sync + 'static {
         &self,
         held: &[(String, Record)],
     ) -> impl Future<Output = Result<Vec<(String, Record)>, StoreError>> + Send;
+    /// Deletes `id` only if its record is exactly `rec` (owner, backend, epoch, created): the
+    /// undo of a create whose answer never came (it may have been applied after the caller
+    /// gave up), which must not touch a record someone else made. Whether it deleted.
+    fn undo_create(
+        &self,
+        id: &str,
+        rec: &Record,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Publishes what replica `me` holds live (kept for `ttl`, so a replica that dies stops
     /// counting) and returns the sum of what every other live replica published.
     fn share_live(
@@ -187,9 +195,9 @@ pub enum OpenError {
 enum Kind {
     /// No store: the table is the whole record (ownership is lost on restart).
     Memory,
-    Embedded(Embedded),
-    // Boxed: the client and its scripts are large, and there is one per process.
-    Redis(Box<RedisStore>),
+    // Shared with the tasks that undo a create whose answer never came.
+    Embedded(std::sync::Arc<Embedded>),
+    Redis(std::sync::Arc<RedisStore>),
 }
 
 /// Runs `$body` with `$s` bound to the store, for the kinds that have one.
@@ -261,11 +269,11 @@ impl Registry {
                     path: path.display().to_string(),
                     source,
                 })?;
-                Kind::Embedded(db)
+                Kind::Embedded(std::sync::Arc::new(db))
             }
-            StateKind::Redis => {
-                Kind::Redis(Box::new(RedisStore::new(cfg).map_err(OpenError::Redis)?))
-            }
+            StateKind::Redis => Kind::Redis(std::sync::Arc::new(
+                RedisStore::new(cfg).map_err(OpenError::Redis)?,
+            )),
         };
         let reg = Registry::with(store, timeout, sync_every);
         if let Kind::Embedded(db) = &reg.store {
@@ -469,7 +477,17 @@ impl Registry {
             return Ok(self.table.claim(id, owner, backend));
         }
         let rec = Record::new(owner, backend);
-        match with_store!(self, s => self.guarded(s.create(id, &rec)).await)? {
+        let created = with_store!(self, s => self.guarded(s.create(id, &rec)).await);
+        let created = match created {
+            Ok(c) => c,
+            Err(e) => {
+                // The caller is told nothing was done, so nothing may stay done: a create
+                // sent before the timeout can still be applied after it.
+                self.undo_create_later(id, rec);
+                return Err(e);
+            }
+        };
+        match created {
             Created::Inserted => {
                 let p = self.learn(id, &rec, pool);
                 // A concurrent local claim may have cached it first; the store decided.
@@ -480,6 +498,34 @@ impl Registry {
                 })
             }
             Created::Exists(r) => Ok(known(&self.learn(id, &r, pool))),
+        }
+    }
+
+    /// Undoes a create that failed or timed out, in the background, until the store answers
+    /// (bounded: eight attempts over about a minute, then logged).
+    fn undo_create_later(&self, id: &str, rec: Record) {
+        fn spawn<S: Store>(s: std::sync::Arc<S>, id: String, rec: Record, timeout: Duration) {
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(250);
+                for _ in 0..8 {
+                    if let Ok(Ok(undone)) =
+                        tokio::time::timeout(timeout, s.undo_create(&id, &rec)).await
+                    {
+                        if undone {
+                            info!(session = %id, "a create the registry answered too late was undone");
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+                warn!(session = %id, "could not undo a create the registry may have applied late; its owner can still use or delete it");
+            });
+        }
+        match &self.store {
+            Kind::Memory => {}
+            Kind::Embedded(s) => spawn(s.clone(), id.to_string(), rec, self.timeout),
+            Kind::Redis(s) => spawn(s.clone(), id.to_string(), rec, self.timeout),
         }
     }
 

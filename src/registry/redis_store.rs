@@ -44,6 +44,15 @@ if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 e
 return redis.call('DEL', KEYS[1])
 ";
 
+/// ARGV: owner, backend, epoch, created of the record a create wrote.
+const UNDO: &str = r"
+local r = redis.call('HMGET', KEYS[1], 'o', 'b', 'e', 'c')
+if r[1] == ARGV[1] and r[2] == ARGV[2] and r[3] == ARGV[3] and r[4] == ARGV[4] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// KEYS: the sessions; ARGV: five values per session (owner, backend, epoch, created,
 /// used). Returns, flattened, `index, HGETALL...` for each record that differs.
 const SYNC: &str = r"
@@ -98,6 +107,7 @@ pub(crate) struct RedisStore {
     remove: Script,
     sync: Script,
     share: Script,
+    undo: Script,
 }
 
 /// A move or delete, as announced to the other replicas.
@@ -173,6 +183,7 @@ impl RedisStore {
             remove: Script::new(REMOVE),
             sync: Script::new(SYNC),
             share: Script::new(SHARE_LIVE),
+            undo: Script::new(UNDO),
         })
     }
 
@@ -304,6 +315,20 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    async fn undo_create(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .undo
+            .key(self.key(id))
+            .arg(&rec.owner)
+            .arg(&rec.backend)
+            .arg(rec.epoch)
+            .arg(rec.created_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n > 0)
+    }
+
     async fn share_live(
         &self,
         me: &str,

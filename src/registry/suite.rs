@@ -75,6 +75,16 @@ async fn rules<S: Store>(s: &S) {
     assert!(s.remove("s9", None).await.unwrap());
     assert!(!s.remove("s9", None).await.unwrap());
 
+    // Undo of a create: only the exact record it wrote.
+    let mine = rec("u", "b1");
+    assert_eq!(s.create("u1", &mine).await.unwrap(), Created::Inserted);
+    let mut other = mine.clone();
+    other.created_ms += 1;
+    assert!(!s.undo_create("u1", &other).await.unwrap());
+    assert!(s.undo_create("u1", &mine).await.unwrap());
+    assert_eq!(s.get("u1").await.unwrap(), None);
+    assert!(!s.undo_create("u1", &mine).await.unwrap());
+
     // Ids are opaque: anything a client may send is its own key, never a pattern.
     for id in ["a:b", "s*", "x y", "ünï", "{tag}"] {
         assert_eq!(
@@ -153,7 +163,7 @@ async fn a_registry_fails_closed_while_redis_is_stalled_and_recovers() {
     let server = RedisServer::start().expect("redis-server");
     let pool = Pool::default();
     let reg = Registry::with(
-        Kind::Redis(Box::new(
+        Kind::Redis(std::sync::Arc::new(
             RedisStore::new(&redis_config(&server.url(), "r:")).unwrap(),
         )),
         Duration::from_millis(300),
@@ -195,7 +205,7 @@ async fn two_registries_on_one_redis_agree_on_owners_and_moves() {
     let pool = Pool::default();
     let open = || {
         Registry::with(
-            Kind::Redis(Box::new(
+            Kind::Redis(std::sync::Arc::new(
                 RedisStore::new(&redis_config(&server.url(), "f:")).unwrap(),
             )),
             Duration::from_millis(500),
@@ -229,7 +239,7 @@ async fn a_restarted_empty_redis_is_refilled_by_the_replicas_that_hold_sessions(
     let pool = Pool::default();
     let store = RedisStore::new(&redis_config(&server.url(), "e:")).unwrap();
     let reg = Registry::with(
-        Kind::Redis(Box::new(store)),
+        Kind::Redis(std::sync::Arc::new(store)),
         Duration::from_millis(300),
         Duration::from_millis(100),
     );
@@ -290,4 +300,39 @@ async fn replicas_see_each_others_live_counts_until_one_stops_publishing() {
         .await
         .unwrap();
     assert_eq!(later, LiveCounts::default());
+}
+
+#[tokio::test]
+async fn a_create_answered_too_late_is_undone() {
+    let server = RedisServer::start().expect("redis-server");
+    let pool = Pool::default();
+    let reg = Registry::with(
+        Kind::Redis(std::sync::Arc::new(
+            RedisStore::new(&redis_config(&server.url(), "u:")).unwrap(),
+        )),
+        Duration::from_millis(300),
+        Duration::from_secs(5),
+    );
+    // Connected, scripts loaded: the next create is sent, then stalls.
+    assert_eq!(
+        reg.claim("warm", "a", "b1", &pool).await.unwrap(),
+        Claim::New
+    );
+    server.pause();
+    assert!(reg.claim("late", "a", "b1", &pool).await.is_err());
+    server.resume();
+    let check = RedisStore::new(&redis_config(&server.url(), "u:")).unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if check.get("late").await.unwrap().is_none() {
+            break;
+        }
+        assert!(Instant::now() < until, "the late create stayed recorded");
+    }
+    // Another tenant may now create that id.
+    assert_eq!(
+        reg.claim("late", "b", "b1", &pool).await.unwrap(),
+        Claim::New
+    );
 }
