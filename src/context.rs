@@ -130,6 +130,13 @@ impl Shared {
         self.config.load_full()
     }
 
+    /// The config in force, borrowed for a moment (per frame): no reference count is touched,
+    /// so event loops on other threads do not contend on one counter. Not to be held across
+    /// an await.
+    pub fn config_now(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
     /// The event loops, if the process runs its own.
     pub fn loops(&self) -> Option<&Loops> {
         self.loops.as_deref()

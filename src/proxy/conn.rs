@@ -393,8 +393,11 @@ impl ClientConn {
     }
 
     async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
-        let cfg = self.shared.config();
-        match intake(body, cfg.limits.max_json_depth, &cfg.routing) {
+        let intake = {
+            let cfg = self.shared.config_now();
+            intake(body, cfg.limits.max_json_depth, &cfg.routing)
+        };
+        match intake {
             Intake::Request(req) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 self.on_request(req).await
