@@ -16,6 +16,64 @@ pub struct SessionIdNotAllowed {
     pub allowed: Vec<String>,
 }
 
+/// The CLI's built-in shell tools (CLI 1.0.102: the bash family on POSIX hosts, the
+/// powershell family on Windows), denied to a tenant without `allow_shell`.
+pub const SHELL_TOOLS: &[&str] = &[
+    "bash",
+    "list_bash",
+    "read_bash",
+    "stop_bash",
+    "write_bash",
+    "powershell",
+    "list_powershell",
+    "read_powershell",
+    "stop_powershell",
+    "write_powershell",
+];
+
+/// What a tenant's sessions may do on the CLI host.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    /// Tools its sessions may have (names, `source:name`, `source:*`); `None`: any not denied.
+    pub allow_tools: Option<Vec<String>>,
+    /// Tools its sessions never have: the configured list, plus [`SHELL_TOOLS`] without
+    /// `allow_shell`.
+    pub deny_tools: Vec<String>,
+    /// It may run commands on the CLI host: shell tools, `session.shell.*` and the other
+    /// host-level methods, local MCP servers.
+    pub allow_shell: bool,
+}
+
+impl HostPolicy {
+    /// From a tenant's settings: the shell tools join the deny list unless `allow_shell`.
+    pub fn new(allow_tools: Option<Vec<String>>, deny: Vec<String>, allow_shell: bool) -> Self {
+        let mut deny_tools = deny;
+        if !allow_shell {
+            for t in SHELL_TOOLS {
+                if !deny_tools.iter().any(|d| d == t) {
+                    deny_tools.push(t.to_string());
+                }
+            }
+        }
+        HostPolicy {
+            allow_tools,
+            deny_tools,
+            allow_shell,
+        }
+    }
+
+    /// Everything allowed: what an open proxy's one tenant gets (there is no other tenant to
+    /// protect), so its requests are forwarded untouched.
+    pub fn unrestricted_policy() -> Self {
+        HostPolicy::new(None, Vec::new(), true)
+    }
+
+    /// Whether the policy leaves every request as the client sent it.
+    pub fn unrestricted(&self) -> bool {
+        self.allow_shell && self.allow_tools.is_none() && self.deny_tools.is_empty()
+    }
+}
+
 /// A tenant: an owner of sessions.
 #[derive(Debug)]
 pub struct Tenant {
@@ -33,6 +91,8 @@ pub struct Tenant {
     pub max_session_age: Option<std::time::Duration>,
     /// Delete its sessions after this long without a request.
     pub max_idle: Option<std::time::Duration>,
+    /// Its tools and host access.
+    pub host: HostPolicy,
 }
 
 impl Tenant {
@@ -47,6 +107,7 @@ impl Tenant {
             backends: Vec::new(),
             max_session_age: None,
             max_idle: None,
+            host: HostPolicy::unrestricted_policy(),
         }
     }
 
@@ -140,6 +201,11 @@ impl Auth {
                     backends: t.backends.clone(),
                     max_session_age: t.max_session_age.map(|m| m.0).or(age),
                     max_idle: t.max_idle.map(|m| m.0).or(idle),
+                    host: HostPolicy::new(
+                        t.tools.allow.clone(),
+                        t.tools.deny.clone(),
+                        t.allow_shell,
+                    ),
                 }),
             })
             .collect();

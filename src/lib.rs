@@ -16,6 +16,7 @@ pub mod envelope;
 pub mod health;
 mod hygiene;
 mod metrics;
+mod policy;
 mod proxy;
 mod registry;
 mod route;

@@ -136,6 +136,20 @@ impl Config {
                     problems.push(format!("{w}: tenant {:?}: token hash {h:?} is not sha256:<64 hex> (use `copilot-lb hash-token`; plaintext tokens never go in YAML)", t.name.value));
                 }
             }
+            let tool_lists = [
+                ("allow", t.tools.allow.as_deref().unwrap_or_default()),
+                ("deny", t.tools.deny.as_slice()),
+            ];
+            for (list, entries) in tool_lists {
+                for e in entries {
+                    if let Some(why) = tool_entry_problem(e) {
+                        problems.push(format!(
+                            "{w}: tenant {:?}: tools.{list} entry {e:?} {why}",
+                            t.name.value
+                        ));
+                    }
+                }
+            }
             for b in &t.backends {
                 if !self.backends.iter().any(|x| x.name() == b) {
                     problems.push(format!(
@@ -259,6 +273,26 @@ impl Config {
         }
         Ok(None)
     }
+}
+
+/// What is wrong with a `tenants[].tools` entry, if anything. The proxy intersects these with
+/// what a client asks for, so only the forms the CLI's tool filter itself knows are taken: a
+/// name, `source:name`, or a whole source `source:*`.
+fn tool_entry_problem(e: &str) -> Option<&'static str> {
+    let (source, name) = match e.split_once(':') {
+        Some((s, n)) => (Some(s), n),
+        None => (None, e),
+    };
+    if source.is_some_and(|s| !matches!(s, "builtin" | "mcp" | "custom")) {
+        return Some("has an unknown source (use builtin:, mcp: or custom:)");
+    }
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("is not a tool name");
+    }
+    if name.contains('*') && (name != "*" || source.is_none()) {
+        return Some("is a pattern; only a whole source is (builtin:*, mcp:* or custom:*)");
+    }
+    None
 }
 
 /// A backend's connection token could not be read. The token itself never appears here.

@@ -406,6 +406,26 @@ pub struct TenantConfig {
     /// Backends allowed to serve it; empty means all.
     #[serde(default)]
     pub backends: Vec<String>,
+    /// Which tools its sessions may use, whatever its clients ask for.
+    #[serde(default)]
+    pub tools: ToolsConfig,
+    /// Whether it may run commands on the CLI host: the CLI's shell tools, `session.shell.*`
+    /// and the other host-level session methods, and local MCP servers. Off by default.
+    #[serde(default)]
+    pub allow_shell: bool,
+}
+
+/// A tenant's tool policy. Entries are tool names (`view`), or qualified by source
+/// (`builtin:view`, `mcp:search`, `custom:lookup`), or a whole source (`mcp:*`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// The only tools its sessions may have; absent means any tool not denied.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// Tools its sessions never have.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// One listener.
@@ -718,6 +738,40 @@ mod tests {
         assert_eq!(c.balancing.bounded_load, 1.25);
         assert_eq!(c.backends[0].name(), "127.0.0.1:41001");
         assert_eq!(c.health.fall, 3);
+    }
+
+    #[test]
+    fn tenant_tool_policies_are_checked() {
+        let yaml = |tools: &str| {
+            format!(
+                "tenants:\n  - name: a\n    token_hashes: [\"sha256:{}\"]\n    tools: {tools}\n",
+                "0".repeat(64)
+            )
+        };
+        let c = Config::from_yaml(
+            &yaml("{allow: [view, builtin:grep, mcp:*], deny: [web_fetch]}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.tenants[0].tools.deny, ["web_fetch"]);
+        assert!(!c.tenants[0].allow_shell, "host access is off by default");
+        for (bad, why) in [
+            (
+                "{allow: [\"ba*\"]}",
+                "tools.allow entry \"ba*\" is a pattern",
+            ),
+            ("{deny: [\"*\"]}", "tools.deny entry \"*\" is a pattern"),
+            ("{deny: [\"shell:bash\"]}", "unknown source"),
+            ("{allow: [\"\"]}", "is not a tool name"),
+            ("{deny: [\"mcp:\"]}", "is not a tool name"),
+        ] {
+            let e = Config::from_yaml(&yaml(bad), "t").unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("line 2"), "{bad}: {e}");
+        }
+        let e = Config::from_yaml(&yaml("{allowed: [view]}"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allowed"), "{e}");
     }
 
     #[test]

@@ -422,7 +422,7 @@ impl ClientConn {
         }
     }
 
-    async fn on_request(self: &Arc<Self>, req: ClientReq) {
+    async fn on_request(self: &Arc<Self>, mut req: ClientReq) {
         if req.method == "connect" {
             return self.on_connect(req).await;
         }
@@ -438,6 +438,11 @@ impl ClientConn {
                 .await;
         }
         if !req.other_sessions.is_empty() && !self.check_named(&req).await {
+            return;
+        }
+        // Before any route: the tenant's policy decides what the request may carry, and the
+        // rewritten body is what gets placed, forwarded and kept for a failover's replay.
+        if !self.host_policy(&mut req).await {
             return;
         }
         match req.route {

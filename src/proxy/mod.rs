@@ -9,6 +9,7 @@ mod conn;
 mod create;
 mod failover;
 mod fanout;
+mod host;
 mod link;
 mod local;
 mod membership;
@@ -159,5 +160,8 @@ pub(crate) async fn watch_tls(shared: Arc<Shared>, store: Arc<ServerTlsStore>) {
 pub(crate) fn warn_if_open(shared: &Shared) {
     if !shared.auth().required() {
         error!("No tenants are configured, so copilot-lb accepts connections from any client and all sessions belong to one open tenant. Configure tenants with token hashes (copilot-lb hash-token) to require authentication.");
+        // The open tenant keeps every tool and host-level method: with no tenants there is no
+        // isolation between clients for a policy to protect.
+        error!("Without tenants, clients' sessions may use every tool, including the shell, and session.shell.* and the other host-level methods: they run commands on the Copilot CLI hosts as the CLI's user. Configure tenants (tools, allow_shell) to restrict them.");
     }
 }

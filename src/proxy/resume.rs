@@ -194,6 +194,25 @@ impl ClientConn {
             .and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default();
         p.insert("sessionId".into(), Value::String(sid.to_string()));
+        // The kept params were rewritten when the client sent them; applied again so the
+        // replay follows the tenant's policy as it is now (a reload may have narrowed it).
+        let tenant = self.tenant();
+        if !tenant.host.unrestricted() {
+            let text = Value::Object(p).to_string();
+            let Ok(fitted) = crate::policy::rewrite_options(
+                &text,
+                &tenant.host,
+                &tenant.name,
+                crate::policy::Target::Create,
+                "params",
+            ) else {
+                return Err(RejoinError::Refused(
+                    "its kept parameters no longer fit the tenant's tool policy".into(),
+                ));
+            };
+            p = serde_json::from_str(&fitted).unwrap_or_default();
+            p.insert("sessionId".into(), Value::String(sid.to_string()));
+        }
         self.release_old_hold(sid, b).await;
         let link = self.link(b);
         let budget = deadline

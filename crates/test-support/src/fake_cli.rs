@@ -8,6 +8,9 @@
 //! `COPILOT_HOME`. Failures are injected with [`FakeCli::kill`], [`FakeCli::restart`],
 //! [`FakeCli::stall`] and [`FakeCli::refuse_connect`].
 //!
+//! Every request's params are recorded ([`FakeCli::params_of`]); `session.options.update` and
+//! `session.shell.exec` are accepted without effect.
+//!
 //! Test-only methods: `test.echo {payload}`, `test.null`, `test.stream {sessionId, count,
 //! size}`, `test.callClient {sessionId, method, params}`, `test.sleep {ms}`, `test.whoami`.
 
@@ -265,6 +268,8 @@ struct Inner {
     accepted: AtomicU64,
     next_conn: AtomicU64,
     counts: Mutex<HashMap<String, u64>>,
+    /// The params of every request, by method, in arrival order.
+    params_seen: Mutex<HashMap<String, Vec<Value>>>,
     stalled: AtomicBool,
     refusing: AtomicBool,
     /// Milliseconds between a client's close and the release of its sessions.
@@ -314,6 +319,7 @@ impl FakeCli {
             accepted: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
             counts: Mutex::new(HashMap::new()),
+            params_seen: Mutex::new(HashMap::new()),
             stalled: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             cleanup_delay_ms: AtomicU64::new(0),
@@ -435,6 +441,15 @@ impl FakeCli {
         self.inner
             .cleanup_delay_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The params of every `method` request this fake received, oldest first (what the proxy
+    /// actually forwarded).
+    pub fn params_of(&self, method: &str) -> Vec<Value> {
+        lock(&self.inner.params_seen)
+            .get(method)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// From now on `session.resume {sessionId: asked}` opens and answers `actual`, as the real
@@ -736,6 +751,10 @@ impl Inner {
         if method == "connect" {
             return self.on_connect(conn, &id, &params).await;
         }
+        lock(&self.params_seen)
+            .entry(method.clone())
+            .or_default()
+            .push(params.clone());
         if self.token.is_some() && !conn.authenticated.load(Ordering::Relaxed) {
             return conn
                 .send(rpc::error(
@@ -792,6 +811,9 @@ impl Inner {
                 }
                 None => json!({}),
             }),
+            // Accepted as the CLI would, so a test sees whether the proxy forwarded them.
+            "session.options.update" => Ok(json!({})),
+            "session.shell.exec" => Ok(json!({"processId": "fake-proc-1"})),
             "test.echo" => {
                 Ok(json!({"payload": params.get("payload").cloned().unwrap_or(Value::Null)}))
             }
