@@ -232,8 +232,8 @@ pub(crate) fn pick_waiter<'a>(
 /// waiter of the tenant with the largest claim on the backend (turns running plus waiting),
 /// if that claim exceeds the newcomer's own (counting the turn it asks for). None: refuse
 /// the newcomer instead.
-pub(crate) fn displace<'a>(
-    waiting: &[&'a str],
+pub(crate) fn displace(
+    waiting: &[&str],
     newcomer: &str,
     turns_of: impl Fn(&str) -> usize,
 ) -> Option<usize> {
