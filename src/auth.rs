@@ -93,6 +93,9 @@ pub struct Tenant {
     pub max_idle: Option<std::time::Duration>,
     /// Its tools and host access.
     pub host: HostPolicy,
+    /// Its rate limit and turn cap, with their state on this replica (shared by every
+    /// connection of the tenant, and kept across a reload).
+    pub(crate) limits: Arc<crate::fair::TenantLimits>,
 }
 
 impl Tenant {
@@ -108,6 +111,7 @@ impl Tenant {
             max_session_age: None,
             max_idle: None,
             host: HostPolicy::unrestricted_policy(),
+            limits: Arc::default(),
         }
     }
 
@@ -182,6 +186,17 @@ impl Auth {
         tenants: &[crate::config::TenantConfig],
         defaults: &crate::config::SessionsConfig,
     ) -> Auth {
+        Auth::from_config_after(tenants, defaults, &Auth::open())
+    }
+
+    /// Builds the policy for a reload: a tenant of `prev` with the same name keeps its limit
+    /// state (bucket, turns in progress), so connections made before and after the reload
+    /// share one count, with the new settings applied to it.
+    pub fn from_config_after(
+        tenants: &[crate::config::TenantConfig],
+        defaults: &crate::config::SessionsConfig,
+        prev: &Auth,
+    ) -> Auth {
         let age = defaults.max_session_age.map(|m| m.0);
         let idle = defaults.max_idle.map(|m| m.0);
         let tenants = tenants
@@ -206,6 +221,21 @@ impl Auth {
                         t.tools.deny.clone(),
                         t.allow_shell,
                     ),
+                    limits: {
+                        let l = prev
+                            .tenants
+                            .iter()
+                            .find(|p| p.tenant.name == t.name.value)
+                            .map(|p| p.tenant.limits.clone())
+                            .unwrap_or_default();
+                        l.configure(
+                            t.rate_limit
+                                .as_ref()
+                                .map(|r| (r.requests_per_second, r.burst())),
+                            t.max_concurrent_turns.unwrap_or(0),
+                        );
+                        l
+                    },
                 }),
             })
             .collect();
@@ -372,6 +402,26 @@ mod tests {
         );
         assert_eq!(a.authenticate(Some("wrong"), None).unwrap_err().0, -32002);
         assert_eq!(a.authenticate(None, None).unwrap_err().0, -32002);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_tenants_turn_count() {
+        let mut t = tenant("b", &["tok-b"], &[]);
+        t.max_concurrent_turns = Some(1);
+        let before = Auth::from_config(std::slice::from_ref(&t), &Default::default());
+        let slot = before.tenants()[0].limits.try_turn().unwrap();
+        t.max_concurrent_turns = Some(2);
+        let after = Auth::from_config_after(&[t], &Default::default(), &before);
+        let l = &after.tenants()[0].limits;
+        assert_eq!(
+            l.turns(),
+            1,
+            "the turn running before the reload still counts"
+        );
+        let second = l.try_turn().unwrap();
+        assert!(l.try_turn().is_err(), "the new cap, 2, applies");
+        drop((slot, second));
+        assert_eq!(l.turns(), 0);
     }
 
     #[test]

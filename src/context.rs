@@ -57,6 +57,8 @@ pub struct Shared {
     /// Sessions whose last client just closed, with the close of the link that held each: a
     /// resume waits for it (bounded) so the CLI has released the session first.
     releases: DashMap<String, CancellationToken>,
+    /// Admission of turns to backends with `max_concurrent_turns` (fair.rs).
+    pub(crate) turn_gates: crate::fair::TurnGates,
 }
 
 /// What a reload changed.
@@ -122,6 +124,7 @@ impl Shared {
             reload_source: std::sync::Mutex::new(None),
             loops,
             releases: DashMap::new(),
+            turn_gates: Default::default(),
         }))
     }
 
@@ -272,7 +275,11 @@ impl Shared {
             warn!("runtime changes (threads, busy_poll) take effect only after a restart");
         }
         let (added, removed) = self.pool.replace(&cfg)?;
-        self.set_auth(Auth::from_config(&cfg.tenants, &cfg.sessions));
+        self.set_auth(Auth::from_config_after(
+            &cfg.tenants,
+            &cfg.sessions,
+            &self.auth(),
+        ));
         self.set_config(cfg);
         Ok(ReloadReport { added, removed })
     }

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config;
 pub mod context;
 pub mod envelope;
+mod fair;
 pub mod health;
 mod hygiene;
 mod metrics;

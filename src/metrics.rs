@@ -107,6 +107,8 @@ pub struct Metrics {
     sessions_reaped: Family<ReasonLabels, Counter>,
     /// Requests refused because the session registry could not answer.
     registry_refusals: Counter,
+    /// Requests refused by a tenant's or a backend's noisy-neighbour limit.
+    limited: Family<ReasonLabels, Counter>,
     /// Whether the session registry's last operation succeeded.
     registry_up: Gauge,
     /// Registry operations that failed or timed out (read from the registry at scrape).
@@ -174,6 +176,7 @@ impl Metrics {
             passive_failures: Family::default(),
             sessions_reaped: Family::default(),
             registry_refusals: Counter::default(),
+            limited: Family::default(),
             registry_up: Gauge::default(),
             registry_errors: Counter::default(),
             registry_cached: Gauge::default(),
@@ -277,6 +280,11 @@ impl Metrics {
             "registry_refusals",
             "Requests refused (retryable) because the session registry could not answer",
             m.registry_refusals.clone(),
+        );
+        registry.register(
+            "limited_requests",
+            "Requests refused (retryable) by a limit: tenant rate, tenant turns, backend turns",
+            m.limited.clone(),
         );
         registry.register(
             "registry_up",
@@ -383,6 +391,14 @@ impl Metrics {
     /// Counts a request refused because the registry could not answer.
     pub fn registry_refusal(&self) {
         self.registry_refusals.inc();
+    }
+
+    /// Counts a request refused by a noisy-neighbour limit (`rate`, `tenant_turns`,
+    /// `backend_turns`).
+    pub fn limited(&self, limit: &'static str) {
+        self.limited
+            .get_or_create(&ReasonLabels { reason: limit })
+            .inc();
     }
 
     /// Counts a client connection opened.

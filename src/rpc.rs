@@ -30,6 +30,8 @@ pub const SESSION_LIMIT: i64 = -32013;
 pub const FRAME_TOO_LARGE: i64 = -32014;
 /// `-32015`: the session id is not allowed for this tenant.
 pub const SESSION_ID_NOT_ALLOWED: i64 = -32015;
+/// `-32016`: a noisy-neighbour limit (tenant rate, tenant turns, backend turns); retryable.
+pub const RATE_LIMITED: i64 = -32016;
 
 /// The protocol version the proxy speaks to clients.
 pub const PROTOCOL_VERSION: u64 = 3;

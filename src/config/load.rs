@@ -53,6 +53,7 @@ impl Config {
                     token_file: None,
                     drain: false,
                     tls: None,
+                    max_concurrent_turns: None,
                 })
                 .collect();
         }
@@ -150,6 +151,26 @@ impl Config {
                     }
                 }
             }
+            if let Some(r) = &t.rate_limit {
+                if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
+                    problems.push(format!(
+                        "{w}: tenant {:?}: rate_limit.requests_per_second must be > 0",
+                        t.name.value
+                    ));
+                }
+                if r.burst == Some(0) {
+                    problems.push(format!(
+                        "{w}: tenant {:?}: rate_limit.burst must be >= 1",
+                        t.name.value
+                    ));
+                }
+            }
+            if t.max_concurrent_turns == Some(0) {
+                problems.push(format!(
+                    "{w}: tenant {:?}: max_concurrent_turns must be >= 1",
+                    t.name.value
+                ));
+            }
             for b in &t.backends {
                 if !self.backends.iter().any(|x| x.name() == b) {
                     problems.push(format!(
@@ -193,6 +214,13 @@ impl Config {
                     b.name()
                 ));
             }
+            if b.max_concurrent_turns == Some(0) {
+                problems.push(format!(
+                    "{}: backend {:?}: max_concurrent_turns must be >= 1",
+                    at(&b.address),
+                    b.name()
+                ));
+            }
             if b.max_sessions == Some(0) {
                 problems.push(format!(
                     "{}: backend {:?}: max_sessions must be >= 1",
@@ -206,6 +234,9 @@ impl Config {
                 "balancing.bounded_load must be >= 1.0 (got {})",
                 self.balancing.bounded_load
             ));
+        }
+        if self.balancing.turn_wait.0.is_zero() {
+            problems.push("balancing.turn_wait must be more than 0".into());
         }
         if self.limits.max_frame_bytes < 1024 {
             problems.push("limits.max_frame_bytes must be at least 1024".into());

@@ -413,6 +413,14 @@ pub struct TenantConfig {
     /// and the other host-level session methods, and local MCP servers. Off by default.
     #[serde(default)]
     pub allow_shell: bool,
+    /// Rate limit on its requests that go to a backend, shared by all its connections on
+    /// this replica (`connect`, `ping` and other requests the proxy answers itself are free).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Cap on its turns in progress on this replica (`session.send`, `sendMessages`,
+    /// `sendAndWait`, from the send until the session's turn ends).
+    #[serde(default)]
+    pub max_concurrent_turns: Option<u64>,
 }
 
 /// A tenant's tool policy. Entries are tool names (`view`), or qualified by source
@@ -426,6 +434,25 @@ pub struct ToolsConfig {
     /// Tools its sessions never have.
     #[serde(default)]
     pub deny: Vec<String>,
+}
+
+/// A token bucket: `requests_per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate (fractions allowed: 0.5 is one request every 2 s).
+    pub requests_per_second: f64,
+    /// Requests that may come at once after a quiet spell (default: the rate, at least 1).
+    #[serde(default)]
+    pub burst: Option<u64>,
+}
+
+impl RateLimitConfig {
+    /// The burst in force.
+    pub fn burst(&self) -> u64 {
+        self.burst
+            .unwrap_or(self.requests_per_second.ceil().max(1.0) as u64)
+    }
 }
 
 /// One listener.
@@ -490,6 +517,11 @@ pub struct BackendConfig {
     /// TLS to this backend (optional).
     #[serde(default)]
     pub tls: Option<ClientTlsConfig>,
+    /// Turns (`session.send` and the like) it runs at once; more wait for a slot, which goes
+    /// to the tenant with the fewest turns running here (`balancing.turn_wait` bounds the
+    /// wait). Unset: no cap, turns are forwarded as they come.
+    #[serde(default)]
+    pub max_concurrent_turns: Option<u64>,
 }
 
 fn one() -> f64 {
@@ -513,6 +545,20 @@ pub struct BalancingConfig {
     /// Bounded-load factor c: no backend takes a new session above ceil(c × average).
     #[serde(default = "default_bounded_load")]
     pub bounded_load: f64,
+    /// Turns that may wait for a slot on one backend with `max_concurrent_turns`.
+    #[serde(default = "default_max_waiting_turns")]
+    pub max_waiting_turns: usize,
+    /// How long a turn waits for such a slot before it is refused (retryable).
+    #[serde(default = "default_turn_wait")]
+    pub turn_wait: Millis,
+}
+
+fn default_max_waiting_turns() -> usize {
+    64
+}
+
+fn default_turn_wait() -> Millis {
+    Millis(Duration::from_secs(30))
 }
 
 fn default_bounded_load() -> f64 {
@@ -523,6 +569,8 @@ impl Default for BalancingConfig {
     fn default() -> Self {
         BalancingConfig {
             bounded_load: default_bounded_load(),
+            max_waiting_turns: default_max_waiting_turns(),
+            turn_wait: default_turn_wait(),
         }
     }
 }
@@ -772,6 +820,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("allowed"), "{e}");
+    }
+
+    #[test]
+    fn noisy_neighbour_limits_parse_and_validate() {
+        let h = format!("sha256:{}", "0".repeat(64));
+        let ok = format!("backends:\n  - address: 127.0.0.1:1\n    max_concurrent_turns: 4\ntenants:\n  - name: b\n    token_hashes: [\"{h}\"]\n    rate_limit: {{requests_per_second: 2.5}}\n    max_concurrent_turns: 3\n");
+        let c = Config::from_yaml(&ok, "t").unwrap();
+        let r = c.tenants[0].rate_limit.as_ref().unwrap();
+        assert_eq!((r.requests_per_second, r.burst()), (2.5, 3));
+        assert_eq!(c.tenants[0].max_concurrent_turns, Some(3));
+        assert_eq!(c.backends[0].max_concurrent_turns, Some(4));
+        assert_eq!(c.balancing.max_waiting_turns, 64);
+        for (bad, says) in [
+            (
+                "rate_limit: {requests_per_second: 0}",
+                "requests_per_second must be > 0",
+            ),
+            (
+                "rate_limit: {requests_per_second: 1, burst: 0}",
+                "burst must be >= 1",
+            ),
+            (
+                "max_concurrent_turns: 0",
+                "max_concurrent_turns must be >= 1",
+            ),
+        ] {
+            let y = format!("tenants:\n  - name: b\n    token_hashes: [\"{h}\"]\n    {bad}\n");
+            let e = Config::from_yaml(&y, "t").unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("line 2"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! close) and the dispatch of each request to the concern that handles it.
 
 use super::failover::plan::Holds;
-use super::membership::joined::Membership;
+use super::membership::joined::{starts_turn, Membership};
 use super::request::{intake, ClientReq, Intake};
 use super::upstream::links::Upstream;
 use crate::auth::Tenant;
@@ -332,6 +332,10 @@ impl ClientConn {
     /// Answers a request with a proxy error.
     pub(super) async fn fail(&self, req: &ClientReq, code: i64, message: &str, data: Value) {
         self.shared.metrics.request(req.class(), "proxy_error");
+        // A send the proxy answered never started a turn: its count ends here.
+        if let (Some(sid), true) = (&req.session, starts_turn(&req.method)) {
+            self.members().turn_answered(sid, true);
+        }
         debug!(conn = self.id, method = %req.method, code, message, "request answered with a proxy error");
         self.reply_error(req.id.get(), code, message, Some(data))
             .await;
@@ -436,6 +440,10 @@ impl ClientConn {
                     None,
                 )
                 .await;
+        }
+        // Requests the proxy answers itself cost a backend nothing: not rate limited.
+        if !matches!(req.route, Route::Local | Route::Denied(_)) && !self.within_rate(&req).await {
+            return;
         }
         if !req.other_sessions.is_empty() && !self.check_named(&req).await {
             return;

@@ -13,6 +13,9 @@
 //!
 //! Test-only methods: `test.echo {payload}`, `test.null`, `test.stream {sessionId, count,
 //! size}`, `test.callClient {sessionId, method, params}`, `test.sleep {ms}`, `test.whoami`.
+//! `session.send` with `testTurnMs` is a slow turn: answered at once, as the CLI does, and
+//! its events (ending with `session.idle`) follow when the turn is done, which takes that
+//! long once one of [`FakeCli::set_turn_workers`] is free (a CLI that runs N turns at once).
 
 use bytes::Bytes;
 use copilot_lb::codec::{CodecError, FrameReader, Limits};
@@ -279,6 +282,8 @@ struct Inner {
     aliases: Mutex<HashMap<String, String>>,
     generation: Mutex<CancellationToken>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Slow turns run at once (`None`: unbounded).
+    turn_workers: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 /// A running fake Copilot CLI server on loopback.
@@ -326,6 +331,7 @@ impl FakeCli {
             aliases: Mutex::new(HashMap::new()),
             generation: Mutex::new(CancellationToken::new()),
             acceptor: Mutex::new(None),
+            turn_workers: Mutex::new(None),
         });
         inner.serve(listener);
         Ok(FakeCli { inner })
@@ -380,6 +386,12 @@ impl FakeCli {
     /// Connections accepted since start (including refused ones).
     pub fn accepted(&self) -> u64 {
         self.inner.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Slow turns (`session.send` with `testTurnMs`) run `n` at once; later ones wait, first
+    /// come first served, as in a CLI whose model calls are the bottleneck.
+    pub fn set_turn_workers(&self, n: usize) {
+        *lock(&self.inner.turn_workers) = Some(Arc::new(tokio::sync::Semaphore::new(n)));
     }
 
     /// Requests received for `method` since start (counted even while stalled).
@@ -918,13 +930,44 @@ impl Inner {
         }))
     }
 
-    async fn send(&self, sid: Option<String>, params: &Value) -> Result<Value, (i64, String)> {
+    async fn send(
+        self: &Arc<Self>,
+        sid: Option<String>,
+        params: &Value,
+    ) -> Result<Value, (i64, String)> {
         let sid = sid.unwrap_or_default();
         if !self.is_live(&sid) || !self.storage.contains(&sid) {
             return Err((-32603, format!("Session not found for sessionId: {sid}")));
         }
-        let prompt = params.get("prompt").and_then(Value::as_str).unwrap_or("");
         let message_id = uuid::Uuid::new_v4().to_string();
+        if let Some(ms) = params.get("testTurnMs").and_then(Value::as_u64) {
+            let (me, params, mid) = (self.clone(), params.clone(), message_id.clone());
+            let workers = lock(&self.turn_workers).clone();
+            let gen = lock(&self.generation).clone();
+            tokio::spawn(async move {
+                let turn = async {
+                    let _permit = match &workers {
+                        Some(w) => w.clone().acquire_owned().await.ok(),
+                        None => None,
+                    };
+                    tokio::time::sleep(Duration::from_millis(ms).min(MAX_SLEEP)).await;
+                    me.turn(&sid, &params, mid).await;
+                };
+                tokio::select! {
+                    _ = turn => {}
+                    _ = gen.cancelled() => {}
+                }
+            });
+            return Ok(json!({"messageId": message_id}));
+        }
+        self.turn(&sid, params, message_id.clone()).await;
+        Ok(json!({"messageId": message_id}))
+    }
+
+    /// A turn's events: the user message, the answer, `session.idle`.
+    async fn turn(&self, sid: &str, params: &Value, message_id: String) {
+        let sid = sid.to_string();
+        let prompt = params.get("prompt").and_then(Value::as_str).unwrap_or("");
         let user = event("user.message", json!({"content": prompt}), false);
         let assistant = event(
             "assistant.message",
@@ -942,7 +985,6 @@ impl Inner {
                 .await;
         }
         self.lifecycle("session.updated", &sid);
-        Ok(json!({"messageId": message_id}))
     }
 
     fn delete(&self, sid: Option<String>) -> Value {

@@ -3,6 +3,7 @@
 //! of a turn.
 
 use crate::auth::Tenant;
+use crate::fair::TurnSlot;
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
@@ -12,8 +13,6 @@ pub(in crate::proxy) struct Joined {
     pub(in crate::proxy) backend: String,
     /// The raw params of the last create/resume (memory only: may hold provider keys).
     pub(in crate::proxy) params: Option<String>,
-    /// A turn was sent and no `session.idle`/`session.error` seen yet.
-    pub(in crate::proxy) turn: bool,
     /// The link it was joined through broke: the CLI released it for this connection (or
     /// restarted without it), so it must be resumed again before its next request.
     pub(in crate::proxy) lost_link: bool,
@@ -26,12 +25,24 @@ impl Joined {
     }
 }
 
+/// A turn in progress on one session, holding its tenant's (and backend's) share.
+#[derive(Debug)]
+struct Turn {
+    _slot: TurnSlot,
+    /// Sent on a session this connection has not joined: its events go to whichever
+    /// connection did, so the turn is counted until the send is answered.
+    until_reply: bool,
+}
+
 /// A connection's sessions. Plain data: the session table is updated by the caller.
 #[derive(Debug, Default)]
 pub(crate) struct Membership {
     joined: HashMap<String, Joined>,
     /// Sessions whose events and lifecycle notifications may reach this client.
     known: HashSet<String>,
+    /// Turns in progress, by session: a session has at most one (the CLI queues further
+    /// sends into it), and dropping the entry gives its shares back.
+    turns: HashMap<String, Turn>,
 }
 
 impl Membership {
@@ -46,14 +57,14 @@ impl Membership {
         let j = Joined {
             backend: backend.to_string(),
             params,
-            turn: false,
             lost_link: false,
         };
         self.joined.insert(sid.to_string(), j).is_none()
     }
 
-    /// Leaves `sid`; true if it was joined.
+    /// Leaves `sid` (a turn running on it no longer counts); true if it was joined.
     pub(in crate::proxy) fn leave(&mut self, sid: &str) -> bool {
+        self.turns.remove(sid);
         self.joined.remove(sid).is_some()
     }
 
@@ -70,22 +81,51 @@ impl Membership {
         self.known.contains(sid)
     }
 
-    pub(in crate::proxy) fn set_turn(&mut self, sid: &str, running: bool) {
-        if let Some(j) = self.joined.get_mut(sid) {
-            j.turn = running;
+    /// Whether a turn is running on `sid` (a further send joins it and costs nothing more).
+    pub(in crate::proxy) fn in_turn(&self, sid: &str) -> bool {
+        self.turns.contains_key(sid)
+    }
+
+    /// A turn starts on `sid`, holding `slot` until it ends.
+    pub(in crate::proxy) fn start_turn(&mut self, sid: &str, slot: TurnSlot) {
+        let until_reply = !self.joined.contains_key(sid);
+        self.turns.insert(
+            sid.to_string(),
+            Turn {
+                _slot: slot,
+                until_reply,
+            },
+        );
+    }
+
+    /// The session's `session.idle` or `session.error` arrived.
+    pub(in crate::proxy) fn end_turn(&mut self, sid: &str) {
+        self.turns.remove(sid);
+    }
+
+    /// A turn-starting request on `sid` was answered: an error means no turn runs; a success
+    /// ends a turn counted only until its reply.
+    pub(in crate::proxy) fn turn_answered(&mut self, sid: &str, is_error: bool) {
+        if is_error || self.turns.get(sid).is_some_and(|t| t.until_reply) {
+            self.turns.remove(sid);
         }
     }
 
-    /// The sessions on `backend` with a turn running, each marked as no longer running.
+    /// The sessions on `backend` with a turn running, each ended.
     pub(in crate::proxy) fn take_turns_on(&mut self, backend: &str) -> Vec<String> {
-        self.joined
-            .iter_mut()
-            .filter(|(_, j)| j.backend == backend && j.turn)
-            .map(|(sid, j)| {
-                j.turn = false;
-                sid.clone()
+        let joined = &self.joined;
+        let lost: Vec<String> = self
+            .turns
+            .iter()
+            .filter(|(sid, t)| {
+                !t.until_reply && joined.get(*sid).is_some_and(|j| j.backend == backend)
             })
-            .collect()
+            .map(|(sid, _)| sid.clone())
+            .collect();
+        for sid in &lost {
+            self.turns.remove(sid);
+        }
+        lost
     }
 
     /// The link to `backend` broke: every session joined there needs a resume.
@@ -105,8 +145,9 @@ impl Membership {
         }
     }
 
-    /// Everything joined, emptied (the connection closes).
+    /// Everything joined, emptied (the connection closes; its turns end with it).
     pub(in crate::proxy) fn drain(&mut self) -> Vec<(String, Joined)> {
+        self.turns.clear();
         self.joined.drain().collect()
     }
 }
@@ -136,6 +177,14 @@ pub(in crate::proxy) fn notification_passes(
         Some(s) => knows(s),
         None => method != "gitHubTelemetry.event" && method != "session.lifecycle",
     }
+}
+
+/// Whether a method starts a turn of the session it names.
+pub(in crate::proxy) fn starts_turn(method: &str) -> bool {
+    matches!(
+        method,
+        "session.send" | "session.sendMessages" | "session.sendAndWait"
+    )
 }
 
 /// Whether a small `session.event` ends a turn (`session.idle` or `session.error`). Large
@@ -215,14 +264,38 @@ mod tests {
     }
 
     #[test]
+    fn every_end_of_a_turn_gives_its_share_back() {
+        let l = std::sync::Arc::new(crate::fair::TenantLimits::default());
+        let mut m = Membership::default();
+        for s in ["idle", "error", "left", "lost", "closed"] {
+            m.join(s, if s == "closed" { "b" } else { "a" }, None);
+            m.start_turn(s, l.try_turn().unwrap());
+        }
+        m.start_turn("stray", l.try_turn().unwrap());
+        assert_eq!(l.turns(), 6);
+        m.end_turn("idle");
+        m.turn_answered("error", true);
+        m.turn_answered("left", false);
+        assert!(m.in_turn("left"), "a joined turn outlives its send's reply");
+        m.leave("left");
+        m.turn_answered("stray", false);
+        assert_eq!(m.take_turns_on("a"), vec!["lost".to_string()]);
+        assert_eq!(l.turns(), 1);
+        m.drain();
+        assert_eq!(l.turns(), 0);
+    }
+
+    #[test]
     fn membership_tracks_links_and_turns() {
+        let l = std::sync::Arc::new(crate::fair::TenantLimits::default());
         let mut m = Membership::default();
         assert!(m.join("s", "a", None));
         assert!(!m.join("s", "a", None));
-        m.set_turn("s", true);
+        m.start_turn("s", l.try_turn().unwrap());
         assert_eq!(m.take_turns_on("b"), Vec::<String>::new());
         assert_eq!(m.take_turns_on("a"), vec!["s".to_string()]);
         assert!(m.take_turns_on("a").is_empty());
+        assert_eq!(l.turns(), 0);
         assert!(!m.get("s").unwrap().needs_resume_on("a"));
         m.link_lost("a");
         assert!(m.get("s").unwrap().needs_resume_on("a"));

@@ -2,6 +2,7 @@
 //! ownership check on every call naming a session, notifications and turn tracking.
 
 pub(super) mod joined;
+mod turns;
 
 use super::conn::ClientConn;
 use super::request::ClientReq;
@@ -9,7 +10,7 @@ use crate::envelope;
 use crate::route::Route;
 use crate::rpc;
 use bytes::Bytes;
-use joined::{ends_turn, may_use, notification_passes, Membership};
+use joined::{ends_turn, may_use, notification_passes, starts_turn, Membership};
 use serde_json::json;
 use std::sync::{Arc, MutexGuard};
 use tracing::warn;
@@ -146,11 +147,8 @@ impl ClientConn {
         if req.route == Route::Detach {
             self.unjoin(&sid);
         }
-        if matches!(
-            req.method.as_str(),
-            "session.send" | "session.sendMessages" | "session.sendAndWait"
-        ) {
-            self.members().set_turn(&sid, true);
+        if starts_turn(&req.method) {
+            return self.turn_call(req, sid).await;
         }
         self.to_session_backend(req).await;
     }
@@ -167,7 +165,7 @@ impl ClientConn {
         let pass = notification_passes(method, session, telemetry, |s| m.knows(s));
         if let (true, Some(sid), "session.event") = (pass, session, method) {
             if ends_turn(body) {
-                m.set_turn(sid, false);
+                m.end_turn(sid);
             }
         }
         pass

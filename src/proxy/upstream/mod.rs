@@ -5,6 +5,7 @@ pub(super) mod links;
 
 use super::conn::ClientConn;
 use super::link::{Link, LinkEnd, LinkOwner};
+use super::membership::joined::starts_turn;
 use super::request::ClientReq;
 use crate::backend::{Backend, State};
 use crate::envelope;
@@ -214,6 +215,9 @@ impl LinkOwner for ClientConn {
             }
         }
         let out = envelope::splice(body, span, meta.id.get().as_bytes());
+        if let (Some(sid), true) = (&meta.session, starts_turn(&meta.method)) {
+            self.members().turn_answered(sid, is_error);
+        }
         if let Some(sid) = &meta.session {
             match meta.route {
                 Route::Create if is_error => self.forget_failed_create(sid).await,
