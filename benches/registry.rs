@@ -9,7 +9,6 @@
 //! Writes `benches/results/registry.md` (or `$LG_OUT/registry.md`).
 
 #[path = "lg/mod.rs"]
-#[allow(dead_code)]
 mod lg;
 
 use lg::{cpu_secs, Conn, Pct, Target};
