@@ -205,6 +205,10 @@ async fn run(n: usize, calls: usize) -> String {
         )
         .await));
     }
+    // The resuming connections close, so each replica has one client per session again.
+    drop(ce2);
+    drop(c2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Forwarded session calls on held sessions, interleaved (the hot path).
     let (mut call_e, mut call_r) = (Vec::new(), Vec::new());
     for i in 0..calls {
