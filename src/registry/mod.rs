@@ -436,7 +436,8 @@ impl Registry {
     /// Re-reads `id` from the store before a decision that must not act on a stale cache
     /// (a failover). Memory registries answer from the table.
     pub async fn refresh(&self, id: &str, pool: &Pool) -> Result<Option<Placement>, StoreError> {
-        if !self.shared_store() {
+        // Memory and embedded: this process is the only writer, so its table is the record.
+        if !matches!(self.store, Kind::Redis(_)) {
             return Ok(self.table.get(id));
         }
         match self.fetch(id, pool).await? {
@@ -546,6 +547,22 @@ impl Registry {
         }
         if !self.shared_store() {
             return Ok(self.table.reassign(id, from, to, pool));
+        }
+        if let Kind::Embedded(s) = &self.store {
+            // The only writer: the table decides at once, and the durable write follows in
+            // the background, so a failover of many sessions never queues behind fsyncs (the
+            // double-failure test measured that). A crash in between leaves the old backend
+            // in the file, which the next request fails over from again.
+            let now_on = self.table.reassign(id, from, to, pool);
+            if now_on.as_deref() == Some(to) {
+                let (s, id, to, epoch) = (s.clone(), id.to_string(), to.to_string(), p.epoch);
+                tokio::spawn(async move {
+                    if let Err(e) = s.move_to(&id, epoch, &to).await {
+                        warn!(session = %id, error = %e, "failover not written to the state file");
+                    }
+                });
+            }
+            return Ok(now_on);
         }
         let moved = with_store!(self, s => self.guarded(s.move_to(id, p.epoch, to)).await)?;
         match moved {
