@@ -191,11 +191,6 @@ impl Shared {
         self.releases.remove_if(sid, |_, t| t.is_cancelled());
     }
 
-    /// Deepest nesting accepted in a client frame.
-    pub fn max_json_depth(&self) -> usize {
-        self.config.load().limits.max_json_depth
-    }
-
     /// The authentication policy in force.
     pub fn auth(&self) -> Arc<Auth> {
         self.auth.load_full()
