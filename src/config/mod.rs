@@ -167,8 +167,8 @@ impl StateConfig {
     }
 
     /// Bound on each registry operation: 500 ms for Redis (a round trip on a LAN), 5 s for
-    /// the embedded file, whose every write is an fsync (measured here at p99 270 ms, max
-    /// 655 ms while another process wrote heavily to the same disk).
+    /// the embedded file, whose writes are fsyncs (hundreds of milliseconds on a disk another
+    /// process writes heavily).
     pub fn timeout(&self) -> Duration {
         self.timeout.map(|m| m.0).unwrap_or(match self.kind {
             StateKind::Redis => Duration::from_millis(500),
