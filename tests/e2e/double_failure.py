@@ -8,6 +8,12 @@ admin API), each with one finished turn. Then two of the CLIs get SIGKILL back t
 50 ms later the same client calls send_and_wait on every session at once. A session counts as
 answered when its reply is the fake model's RECALL answer naming the first turn (the model that
 served the second turn saw the history). The clock starts at the first SIGKILL.
+
+The floor (`run_direct_round`): the same recovery without the proxy, done by hand as an ideal
+proxy would: SDK clients straight to each CLI, the same kill, then the survivor's client
+resumes the 8 orphaned sessions and sends on all 12 at once. Its slowest answer is what the
+surviving CLI itself needs for 8 resumes and 12 turns on this machine, so what the proxy adds is
+the difference, measured in the same run.
 """
 from __future__ import annotations
 
@@ -19,17 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import harness
-from sdkutil import connected, echo, recall, reply_text, session_kwargs
+from sdkutil import close_client, connected, echo, new_client, recall, reply_text, session_kwargs
 
 N_BACKENDS = 3
 PER_BACKEND = 4                 # 12 sessions
 SETTLE_S = 0.05                 # kill -> the concurrent sends
 DEADLINE_S = 1.0                # issue #10's target: the slowest answer, measured from the kill
-# What the test asserts: failover may add at most this over the slowest session that did not
-# move in the same round (the surviving CLI's own turn time under the same load). The absolute
-# figure depends on how fast this machine runs 12 concurrent turns and 8 resumes on one real
-# CLI (0.5-0.7 s for the unmoved ones on a 2-core VM), so it is reported, not asserted.
-FAILOVER_BUDGET_S = 1.0
+# What the test asserts: over the rounds, the median of (slowest answer through the proxy -
+# slowest answer of the direct floor round with the same survivor) is at most this. The
+# absolute figure depends on how fast this machine runs 8 resumes and 12 turns on one real CLI
+# (the floor: 1.25-1.4 s on a quiet 2-core VM, more on a busy CI runner), so it is reported,
+# not asserted; a median keeps one noisy round from deciding.
+PROXY_BUDGET_S = 0.4
 SEND_TIMEOUT_S = 10.0           # bound on each send_and_wait (a miss is recorded, not waited out)
 SETUP_TIMEOUT_S = 30.0
 
@@ -127,8 +134,9 @@ class RoundResult:
 
     @property
     def passed(self) -> bool:
-        return (self.answered == len(self.outcomes)
-                and self.slowest_s - self.unmoved_slowest_s <= FAILOVER_BUDGET_S)
+        """Every session answered with its history (the time is judged over all rounds,
+        against the floor: `proxy_overhead_ok`)."""
+        return self.answered == len(self.outcomes)
 
     def codes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -143,8 +151,7 @@ class RoundResult:
         line = (f"run {self.n}: {self.answered}/{len(self.outcomes)} answered, slowest "
                 f"{self.slowest_s * 1000:.0f} ms after the kill (target {DEADLINE_S * 1000:.0f} ms: "
                 f"{'met' if self.within_target else 'missed'}; unmoved sessions "
-                f"{self.unmoved_slowest_s * 1000:.0f} ms, failover adds at most "
-                f"{FAILOVER_BUDGET_S * 1000:.0f}), killed "
+                f"{self.unmoved_slowest_s * 1000:.0f} ms), killed "
                 f"{' + '.join(self.killed)} within {self.kill_spread_us:.0f} us, errors {self.codes() or 'none'}"
                 f" -> {'PASS' if self.passed else 'FAIL'}")
         if not details:
@@ -201,6 +208,58 @@ async def run_round(cluster: harness.Cluster, n: int, tag: str) -> RoundResult:
         for o in outcomes:
             o.after = after.get(o.sid)
     return RoundResult(n=n, killed=killed, kill_spread_us=(t_last - t_kill) * 1e6, outcomes=list(outcomes))
+
+
+async def run_direct_round(cluster: harness.Cluster, n: int, tag: str) -> RoundResult:
+    """The floor for round `n` (same survivor): the same sessions, kill and sends with no proxy.
+    One SDK client per CLI creates 4 sessions there and takes their first turn; after the kill,
+    the survivor's client resumes the 8 orphaned sessions and sends, each right after its resume,
+    while the 4 sessions it already holds send at once: what a zero-cost proxy would do."""
+    survivor = n % len(cluster.backends)
+    victims = [i for i in range(len(cluster.backends)) if i != survivor]
+    ids = {i: [f"df-direct-{tag}-{n}-{i}-{k}" for k in range(PER_BACKEND)]
+           for i in range(len(cluster.backends))}
+    clients = {i: new_client(b.url) for i, b in enumerate(cluster.backends)}
+    try:
+        await asyncio.gather(*(c.start() for c in clients.values()))
+
+        async def first_turn(i: int, sid: str):
+            s = await clients[i].create_session(session_id=sid, **session_kwargs(cluster))
+            p = f"first turn {sid}"
+            ev = await s.send_and_wait(p, timeout=SETUP_TIMEOUT_S)
+            assert reply_text(ev) == echo(p), reply_text(ev)
+            return sid, s
+        held = dict(await asyncio.gather(*(first_turn(i, sid) for i, v in ids.items() for sid in v)))
+        t_kill, t_last = cluster.kill_backends(victims)
+        await asyncio.sleep(max(0.0, t_kill + SETTLE_S - time.perf_counter()))
+        home = cluster.backends[survivor].addr
+
+        async def second_turn(i: int, sid: str) -> Outcome:
+            before = cluster.backends[i].addr
+            o = Outcome(sid=sid, before=before, elapsed_s=0.0, expected=recall(f"first turn {sid}"))
+            try:
+                s = held[sid]
+                if i != survivor:
+                    s = await clients[survivor].resume_session(sid, **session_kwargs(cluster))
+                ev = await s.send_and_wait(f"RECALL after the double crash {sid}", timeout=SEND_TIMEOUT_S)
+                o.answer = reply_text(ev)
+            except Exception as e:  # noqa: BLE001
+                o.code, o.error = error_code(e), f"{type(e).__name__}: {e}"
+            o.elapsed_s = time.perf_counter() - t_kill
+            o.after = home
+            return o
+        outcomes = await asyncio.gather(*(second_turn(i, sid) for i, v in ids.items() for sid in v))
+    finally:
+        await asyncio.gather(*(close_client(c, fast=True) for c in clients.values()))
+    return RoundResult(n=n, killed=[cluster.backends[i].addr for i in victims],
+                       kill_spread_us=(t_last - t_kill) * 1e6, outcomes=list(outcomes))
+
+
+def overhead_s(proxied: list[RoundResult], floor: list[RoundResult]) -> float:
+    """Median over paired rounds of (slowest through the proxy - slowest of the floor)."""
+    d = sorted(p.slowest_s - f.slowest_s for p, f in zip(proxied, floor))
+    m = len(d) // 2
+    return d[m] if len(d) % 2 else (d[m - 1] + d[m]) / 2
 
 
 def restore(cluster: harness.Cluster) -> None:
