@@ -82,11 +82,38 @@ async fn an_unknown_session_belongs_to_nobody() {
                 !list.to_string().contains("orphan-1"),
                 "{token} sees it: {list}"
             );
+            // Creating it anew would reuse its storage (the CLI's create does), and a later
+            // resume would load its history: as much a claim as a resume.
+            for method in ["session.create", "sessions.open"] {
+                let params = if method == "sessions.open" {
+                    json!({"kind": "create", "options": {"sessionId": "orphan-1"}})
+                } else {
+                    json!({"sessionId": "orphan-1"})
+                };
+                let r = c.call(method, params).await;
+                assert_eq!(
+                    r.error_code(),
+                    Some(rpc::SESSION_FORBIDDEN),
+                    "{token} {method}: {}",
+                    r.text()
+                );
+            }
+            // An id nobody has used is still free.
+            c.ok(
+                "session.create",
+                json!({"sessionId": format!("fresh-{token}")}),
+            )
+            .await;
         }
         assert_eq!(
             fake.requests("session.resume"),
             0,
             "a refused resume reached the CLI"
+        );
+        assert_eq!(
+            fake.requests("session.create"),
+            3,
+            "a refused create reached the CLI (1 direct + 2 fresh expected)"
         );
     })
     .await;

@@ -2,14 +2,19 @@
 //! client sent none), the tenant's rules, placement and the claim in the session table.
 
 use super::conn::ClientConn;
+use super::failover::plan::Refusal;
 use super::request::ClientReq;
 use crate::affinity::Claim;
 use crate::backend::Backend;
 use crate::envelope;
 use crate::rpc;
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the proxy waits for the CLI to say whether a session id is already on its disk.
+const EXISTS_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ClientConn {
     pub(super) async fn create(self: &Arc<Self>, mut req: ClientReq) {
@@ -20,8 +25,12 @@ impl ClientConn {
 
     /// Checks a create against the tenant's rules, places it (avoiding `req.avoid`) and
     /// claims it; `None` once the client has been answered with a refusal.
-    pub(super) async fn admit_create(&self, req: &mut ClientReq) -> Option<Arc<Backend>> {
+    pub(super) async fn admit_create(
+        self: &Arc<Self>,
+        req: &mut ClientReq,
+    ) -> Option<Arc<Backend>> {
         let tenant = self.tenant();
+        let chosen = req.session.is_some();
         let sid = match req.session.clone() {
             Some(s) => s,
             None => {
@@ -70,6 +79,18 @@ impl ClientConn {
                 return None;
             }
             Ok(Claim::New) => {
+                // The registry has no record, but the CLI's storage may: a session made behind
+                // the proxy, before its registry existed, or by a replica on another registry.
+                // The CLI's create would reuse that directory, and a later resume would load
+                // its history; so an id already on disk belongs to nobody, as on resume.
+                if chosen && !tenant.may_adopt(&sid) {
+                    if let Err(refusal) = self.not_on_disk(&backend, &sid).await {
+                        self.forget_session(&sid).await;
+                        let data = rpc::data(refusal.retryable, json!({"sessionId": sid}));
+                        self.fail(req, refusal.code, &refusal.message, data).await;
+                        return None;
+                    }
+                }
                 req.fresh = true;
                 backend
             }
@@ -89,6 +110,58 @@ impl ClientConn {
         // session (lifecycle) before it replies.
         self.join_as(&sid, &backend.name, req);
         Some(backend)
+    }
+}
+
+impl ClientConn {
+    /// Asks `b` whether `sid` already exists in its session storage (`sessions.getMetadata`
+    /// reads it without opening it). Fails closed: an answer the proxy cannot read, or none in
+    /// time, refuses the create.
+    async fn not_on_disk(self: &Arc<Self>, b: &Arc<Backend>, sid: &str) -> Result<(), Refusal> {
+        let link = self.link(b);
+        let asked = tokio::time::timeout(
+            EXISTS_TIMEOUT,
+            link.call("sessions.getMetadata", &json!({ "sessionId": sid })),
+        )
+        .await;
+        let reply = match asked {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return Err(Refusal {
+                    code: rpc::BACKEND_UNAVAILABLE,
+                    message: format!("session.create {sid}: backend {} could not be asked whether the id is free ({e}); retry", b.name),
+                    retryable: true,
+                })
+            }
+            Err(_) => {
+                return Err(Refusal {
+                    code: rpc::BACKEND_UNAVAILABLE,
+                    message: format!("session.create {sid}: backend {} did not say within {EXISTS_TIMEOUT:?} whether the id is free; retry", b.name),
+                    retryable: true,
+                })
+            }
+        };
+        on_disk_verdict(&reply, sid)
+    }
+}
+
+/// Reads a `sessions.getMetadata` reply: `{"result": {}}` means no such session; one with a
+/// `session` means it exists (and, unknown to the registry, belongs to nobody); anything else
+/// is refused, as the proxy cannot tell.
+fn on_disk_verdict(reply: &[u8], sid: &str) -> Result<(), Refusal> {
+    let v: Value = serde_json::from_slice(reply).unwrap_or(Value::Null);
+    match v.get("result") {
+        Some(Value::Object(r)) if r.get("session").is_none_or(Value::is_null) => Ok(()),
+        Some(Value::Object(_)) => Err(Refusal {
+            code: rpc::SESSION_FORBIDDEN,
+            message: format!("session {sid} does not exist or belongs to another tenant"),
+            retryable: false,
+        }),
+        _ => Err(Refusal {
+            code: rpc::BACKEND_UNAVAILABLE,
+            message: format!("session.create {sid}: the backend's answer to sessions.getMetadata could not be read, so the id cannot be shown to be free: {}", v.get("error").map(Value::to_string).unwrap_or_default()),
+            retryable: false,
+        }),
     }
 }
 
@@ -127,6 +200,32 @@ fn inject_session_id(body: &[u8], sid: &str) -> Option<(Vec<u8>, (usize, usize))
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_on_disk_is_nobodys_and_an_unreadable_answer_refuses() {
+        assert!(on_disk_verdict(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#, "s").is_ok());
+        assert!(on_disk_verdict(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"session":null}}"#,
+            "s"
+        )
+        .is_ok());
+        let r = on_disk_verdict(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"session":{"sessionId":"s"}}}"#,
+            "s",
+        )
+        .unwrap_err();
+        assert_eq!(r.code, rpc::SESSION_FORBIDDEN);
+        for bad in [
+            &br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"result":null}"#,
+            b"not json",
+        ] {
+            assert_eq!(
+                on_disk_verdict(bad, "s").unwrap_err().code,
+                rpc::BACKEND_UNAVAILABLE
+            );
+        }
+    }
 
     #[test]
     fn inject_into_params() {

@@ -817,12 +817,15 @@ impl Inner {
                 }
                 Ok(json!({"success": true}))
             }
-            "session.getMetadata" => Ok(match sid.and_then(|s| self.storage.get(&s)) {
-                Some(s) => {
-                    json!({"session": {"sessionId": s.id, "startTime": s.start_time, "modifiedTime": s.modified_time, "summary": s.summary, "isRemote": false}})
-                }
-                None => json!({}),
-            }),
+            // The CLI's is `sessions.getMetadata` (the proxy asks it before a tenant's create).
+            "session.getMetadata" | "sessions.getMetadata" => {
+                Ok(match sid.and_then(|s| self.storage.get(&s)) {
+                    Some(s) => {
+                        json!({"session": {"sessionId": s.id, "startTime": s.start_time, "modifiedTime": s.modified_time, "summary": s.summary, "isRemote": false}})
+                    }
+                    None => json!({}),
+                })
+            }
             // Accepted as the CLI would, so a test sees whether the proxy forwarded them.
             "session.options.update" => Ok(json!({})),
             "session.shell.exec" => Ok(json!({"processId": "fake-proc-1"})),
