@@ -211,7 +211,11 @@ pub async fn graceful_shutdown(shared: &Arc<Shared>) {
             break;
         }
         for c in &conns {
-            if c.in_flight() == 0 {
+            // A sidecar that was told moves its sessions to another edge and detaches them
+            // here; its connection closes once it holds none (or at the deadline), so no
+            // request of its is cut mid-way.
+            let moving = c.clone().go_away();
+            if c.in_flight() == 0 && !(moving && c.holds_sessions()) {
                 c.shut();
             }
         }

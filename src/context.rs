@@ -27,6 +27,11 @@ pub trait ClientHandle: Send + Sync {
     fn in_flight(&self) -> usize;
     /// Closes the connection now.
     fn shut(&self);
+    /// Tells a client that asked for it (a session-aware sidecar) that this process is going
+    /// away, once; true if the client asked, and so will move its sessions and let go.
+    fn go_away(self: Arc<Self>) -> bool;
+    /// Whether the connection still has sessions open.
+    fn holds_sessions(&self) -> bool;
     /// Re-checks the connection's authorization after a policy change (a TLS reload, the
     /// periodic expiry check) and closes it, after its in-flight requests, if it no longer
     /// holds. `tls` is the listener store that changed.

@@ -33,6 +33,13 @@ pub const SESSION_ID_NOT_ALLOWED: i64 = -32015;
 /// `-32016`: a noisy-neighbour limit (tenant rate, tenant turns, backend turns); retryable.
 pub const RATE_LIMITED: i64 = -32016;
 
+/// The `connect` param with which a session-aware sidecar asks an edge to announce its
+/// shutdown; only connections that sent it ever see [`GOAWAY`].
+pub const GOAWAY_OPT_IN: &str = "copilotLbGoaway";
+/// The notification an edge sends to such connections when it starts shutting down: move
+/// your sessions elsewhere; what you already sent is still answered. Never reaches an SDK.
+pub const GOAWAY: &str = "copilotLb.goaway";
+
 /// The protocol version the proxy speaks to clients.
 pub const PROTOCOL_VERSION: u64 = 3;
 
@@ -56,6 +63,12 @@ pub fn result(id: &str, result: &Value) -> Vec<u8> {
 pub fn request(id: u64, method: &str, params: &Value) -> Vec<u8> {
     let p = serde_json::to_string(params).unwrap_or_else(|_| "{}".into());
     format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{p}}}"#).into_bytes()
+}
+
+/// A notification body the proxy originates.
+pub fn notification(method: &str, params: &Value) -> Vec<u8> {
+    let p = serde_json::to_string(params).unwrap_or_else(|_| "{}".into());
+    format!(r#"{{"jsonrpc":"2.0","method":"{method}","params":{p}}}"#).into_bytes()
 }
 
 /// The `data` object of a proxy error: who answered, whether a retry may succeed, and context.

@@ -166,6 +166,10 @@ impl Backend {
         if telemetry {
             params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));
         }
+        if self.edge {
+            // Asks an edge to announce its shutdown on this link instead of just closing it.
+            params.insert(crate::rpc::GOAWAY_OPT_IN.into(), Value::Bool(true));
+        }
         let v = request(reader, w, 0, "connect", &Value::Object(params)).await?;
         if let Some(err) = v.get("error") {
             let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);

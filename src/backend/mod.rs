@@ -56,6 +56,8 @@ pub struct Backend {
     pub weight: f64,
     /// Cap on live sessions.
     pub max_sessions: Option<u64>,
+    /// A copilot-lb edge rather than a CLI (`backends[].edge`).
+    pub edge: bool,
     /// The CLI's connection token, held by the proxy only.
     token: Option<String>,
     /// TLS towards this backend, if configured.
@@ -197,6 +199,7 @@ impl Backend {
             address: b.address.value.clone(),
             weight: b.weight,
             max_sessions: b.max_sessions,
+            edge: b.edge,
             token: Config::backend_token(b).map_err(BackendError::Token)?,
             tls: match &b.tls {
                 Some(t) => Some(Arc::new(crate::tls::ClientTlsStore::load(t).map_err(
@@ -293,6 +296,18 @@ impl Backend {
             self.fence();
         }
         if old != new {
+            self.state_changed.notify_waiters();
+        }
+        old != State::Down as u8
+    }
+
+    /// The backend (a copilot-lb edge) announced that it is going away: down at once, so its
+    /// sessions move and nothing new goes there, but its links are not fenced: they still
+    /// carry the replies to what was sent before, and the edge closes them once idle. Health
+    /// checks bring it back up when a new process answers. True if it was not down already.
+    pub fn leaving(&self) -> bool {
+        let old = self.health.swap(State::Down as u8, Ordering::AcqRel);
+        if old != State::Down as u8 {
             self.state_changed.notify_waiters();
         }
         old != State::Down as u8

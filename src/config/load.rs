@@ -38,6 +38,7 @@ impl Config {
                 tls: None,
                 upstream: None,
                 allow_non_loopback: false,
+                reuse_port: true,
             }];
         }
         if !o.backends.is_empty() {
@@ -54,6 +55,7 @@ impl Config {
                     drain: false,
                     tls: None,
                     max_concurrent_turns: None,
+                    edge: false,
                 })
                 .collect();
         }
@@ -249,6 +251,14 @@ impl Config {
         }
         if self.sessions.policy() == FailoverPolicy::Reassign && !self.sessions.shared_storage {
             problems.push("sessions.failover: reassign needs sessions.shared_storage: true (a session cannot be resumed on a backend that cannot read its state)".into());
+        }
+        if self.backends.iter().any(|b| b.edge)
+            && (self.sessions.policy() != FailoverPolicy::Reassign || !self.sessions.shared_storage)
+        {
+            problems.push("backends[].edge: true needs sessions.shared_storage: true and failover: reassign (edges share one registry and their CLIs' session state, so a session moves between edges by resume)".into());
+        }
+        if self.backends.iter().any(|b| b.edge) && self.backends.iter().any(|b| !b.edge) {
+            problems.push("backends: either every backend is a copilot-lb edge (edge: true) or none is; a session cannot move between an edge and a CLI".into());
         }
         if self.limits.max_queued_reply_bytes == 0
             || self.limits.max_queued_reply_bytes > u32::MAX as usize

@@ -476,6 +476,14 @@ pub struct ListenerConfig {
     /// tcp mode: allow a non-loopback listen address (plain TCP leaves the host).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// SO_REUSEPORT (default on, as HAProxy does): a new copilot-lb process can bind the same
+    /// address while the old one drains, so a restart on one host never refuses a connection.
+    #[serde(default = "yes")]
+    pub reuse_port: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Admin endpoint.
@@ -522,6 +530,11 @@ pub struct BackendConfig {
     /// wait). Unset: no cap, turns are forwarded as they come.
     #[serde(default)]
     pub max_concurrent_turns: Option<u64>,
+    /// This backend is a copilot-lb edge, not a CLI (this process is a session-aware sidecar):
+    /// the link asks it to announce its shutdown (`copilotLb.goaway`), and when it does, or
+    /// dies, this connection's sessions move to another edge with a `session.resume` replay.
+    #[serde(default)]
+    pub edge: bool,
 }
 
 fn one() -> f64 {

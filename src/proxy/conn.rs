@@ -49,6 +49,10 @@ pub(crate) struct ClientConn {
     /// The client asked for telemetry forwarding in its `connect` (read on every event, so
     /// not behind the identity's lock).
     pub(super) telemetry: AtomicBool,
+    /// The client (a session-aware sidecar) asked, in its `connect`, to be told when this
+    /// process is going away ([`rpc::GOAWAY`]) rather than just cut off.
+    pub(super) goaway: AtomicBool,
+    told_goaway: AtomicBool,
     /// Sessions this connection created or resumed (membership.rs).
     pub(super) members: Mutex<Membership>,
     /// Links to backends and the CLI's requests to this client (upstream.rs).
@@ -121,6 +125,8 @@ async fn run<R, W>(
         out_limit,
         who: Mutex::new(Identity::default()),
         telemetry: AtomicBool::new(false),
+        goaway: AtomicBool::new(false),
+        told_goaway: AtomicBool::new(false),
         members: Mutex::new(Membership::default()),
         upstream: Mutex::new(Upstream::default()),
         holds: Holds::default(),
@@ -251,6 +257,25 @@ impl ClientHandle for ClientConn {
 
     fn shut(&self) {
         self.cancel.cancel();
+    }
+
+    fn go_away(self: Arc<Self>) -> bool {
+        if !self.goaway.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.told_goaway.swap(true, Ordering::AcqRel) {
+            let body = rpc::notification(
+                rpc::GOAWAY,
+                &json!({"reason": "copilot-lb is shutting down"}),
+            );
+            info!(conn = self.id, peer = %self.peer, "told the client (a sidecar) to move its sessions: shutting down");
+            tokio::spawn(async move { self.send_to_client(Bytes::from(body)).await });
+        }
+        true
+    }
+
+    fn holds_sessions(&self) -> bool {
+        self.members().holds_any()
     }
 
     fn reauthorize(self: Arc<Self>, store: &Arc<ServerTlsStore>) {

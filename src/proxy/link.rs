@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// What a link reports to the connection that owns it.
 pub(crate) trait LinkOwner: Send + Sync + 'static {
@@ -50,7 +50,7 @@ pub(crate) trait LinkOwner: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
     /// A notification from the backend (`session` is its `params.sessionId`).
     fn notification(
-        &self,
+        self: &Arc<Self>,
         method: &str,
         session: Option<&str>,
         body: Bytes,
@@ -64,6 +64,9 @@ pub(crate) trait LinkOwner: Send + Sync + 'static {
         method: &str,
         body: &[u8],
     ) -> impl Future<Output = ()> + Send;
+    /// The backend, a copilot-lb edge, announced it is going away (it is marked down, its
+    /// links still answer what was sent): move the owner's sessions off it.
+    fn backend_leaving(self: &Arc<Self>, backend: &Arc<Backend>);
     /// The link ended: `unsent` requests never reached the backend (re-route them),
     /// `in_flight` ones were written and are unanswered.
     fn ended(
@@ -329,7 +332,7 @@ async fn run<O: LinkOwner>(
     let end = tokio::select! {
         biased;
         _ = fence.cancelled() => LinkEnd::Fenced,
-        end = session(&link, &mut rx, &*owner, &shared) => end,
+        end = session(&link, &mut rx, &owner, &shared) => end,
     };
     // The socket is gone (session() dropped it), unless a drain task waits for the backend's
     // close and releases it then; a resume held for it may go ahead.
@@ -358,7 +361,7 @@ async fn run<O: LinkOwner>(
 async fn session<O: LinkOwner>(
     link: &Arc<Link>,
     rx: &mut mpsc::Receiver<LinkMsg>,
-    owner: &O,
+    owner: &Arc<O>,
     shared: &Arc<Shared>,
 ) -> LinkEnd {
     let cfg = shared.config();
@@ -428,7 +431,7 @@ async fn session<O: LinkOwner>(
                         len, limit, head, ..
                     } = e
                     {
-                        oversized_reply(link, owner, len, limit, &head).await;
+                        oversized_reply(link, &**owner, len, limit, &head).await;
                     }
                 }
                 Err(e) => return LinkEnd::Broken(CallError::Read(e)),
@@ -503,7 +506,7 @@ async fn oversized_reply<O: LinkOwner>(
     }
 }
 
-async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &O, body: Bytes) {
+async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &Arc<O>, body: Bytes) {
     let env = match envelope::parse(&body) {
         Ok(e) => e,
         Err(e) => {
@@ -546,6 +549,18 @@ async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &O, body: Bytes
         }
         Kind::Notification => {
             let method = env.method.as_deref().unwrap_or("");
+            if method.starts_with("copilotLb.") {
+                // The proxy's own protocol between a sidecar and its edges: never a client's.
+                if method == rpc::GOAWAY && link.backend.edge {
+                    if link.backend.leaving() {
+                        info!(backend = %link.backend.name, "edge is going away; moving its sessions to another edge");
+                    }
+                    owner.backend_leaving(&link.backend);
+                } else {
+                    debug!(backend = %link.backend.name, method, "copilot-lb notification from a backend dropped");
+                }
+                return;
+            }
             let session = env.session_id.as_deref();
             owner.notification(method, session, body.clone()).await;
         }

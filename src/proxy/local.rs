@@ -24,6 +24,11 @@ impl ClientConn {
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
                 self.telemetry.store(telemetry, Ordering::Relaxed);
+                let goaway = params
+                    .get(rpc::GOAWAY_OPT_IN)
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.goaway.store(goaway, Ordering::Release);
                 {
                     let mut who = self.who();
                     who.authenticated = true;

@@ -40,12 +40,34 @@ pub(crate) async fn bind(cfg: &Config) -> Result<Vec<TcpListener>, BindError> {
     let mut out = Vec::new();
     for l in &cfg.listeners {
         let addr = l.listen.value.clone();
-        let listener = TcpListener::bind(&addr)
+        let listener = bind_one(&addr, l.reuse_port)
             .await
             .map_err(|source| BindError { addr, source })?;
         out.push(listener);
     }
     Ok(out)
+}
+
+/// One listening socket, with SO_REUSEPORT when asked: during a restart the new process
+/// listens beside the old one, which stops accepting only once it drains, so no connect is
+/// refused in between (Linux admits only sockets of the same user to the group).
+async fn bind_one(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let sa = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "resolves to no address")
+    })?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&sa.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 /// Accepts client connections until shutdown; a semaphore caps concurrent connections.

@@ -174,6 +174,36 @@ impl ClientConn {
         });
     }
 
+    /// Moves every session this connection holds on `backend` (an edge that went away or
+    /// died) now rather than at its next request, so its events flow again. One with a turn
+    /// running moves when that turn ends: the edge keeps serving it until then.
+    pub(super) fn move_off(self: &Arc<Self>, backend: &str) {
+        let idle = self.members().idle_on(backend);
+        for sid in idle {
+            self.move_now(sid, Some(backend.to_string()));
+        }
+    }
+
+    /// Fails `sid` over with no request waiting on it, holding the session's later requests
+    /// behind the move like any failover. Nothing to do if a failover of it already runs.
+    pub(super) fn move_now(self: &Arc<Self>, sid: String, suspect: Option<String>) {
+        let Hold::Runs(guard) = self.holds.begin(&sid) else {
+            return;
+        };
+        let me = self.clone();
+        self.spawn_for_request(async move {
+            match me.ensure_session(&sid, suspect.as_deref()).await {
+                Ok(b) => {
+                    debug!(conn = me.id, session = %sid, backend = %b.name, "session moved off a going-away edge")
+                }
+                Err(r) => {
+                    warn!(conn = me.id, session = %sid, error = %r.message, "session could not be moved yet; its next request tries again")
+                }
+            }
+            me.holds.end(&sid, guard);
+        });
+    }
+
     async fn kept_failing(&self, req: &ClientReq, sid: &str) {
         let m = format!("session {sid}: its backend kept failing; the request was not processed and may be retried");
         let data = rpc::data(true, json!({"sessionId": sid}));

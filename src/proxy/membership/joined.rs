@@ -111,14 +111,22 @@ impl Membership {
         }
     }
 
-    /// The sessions on `backend` with a turn running, each ended.
-    pub(in crate::proxy) fn take_turns_on(&mut self, backend: &str) -> Vec<String> {
+    /// The sessions on `backend` with a turn running, each ended; except those `moving`
+    /// (a failover holds their requests, so the send that started the turn has not been
+    /// written anywhere yet and goes to the session's new backend).
+    pub(in crate::proxy) fn take_turns_on(
+        &mut self,
+        backend: &str,
+        moving: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let joined = &self.joined;
         let lost: Vec<String> = self
             .turns
             .iter()
             .filter(|(sid, t)| {
-                !t.until_reply && joined.get(*sid).is_some_and(|j| j.backend == backend)
+                !t.until_reply
+                    && joined.get(*sid).is_some_and(|j| j.backend == backend)
+                    && !moving(sid)
             })
             .map(|(sid, _)| sid.clone())
             .collect();
@@ -135,6 +143,20 @@ impl Membership {
                 j.lost_link = true;
             }
         }
+    }
+
+    /// Sessions joined on `backend` with no turn running (a running turn is left to finish).
+    pub(in crate::proxy) fn idle_on(&self, backend: &str) -> Vec<String> {
+        self.joined
+            .iter()
+            .filter(|(sid, j)| j.backend == backend && !self.turns.contains_key(*sid))
+            .map(|(sid, _)| sid.clone())
+            .collect()
+    }
+
+    /// Whether any session is joined (a going-away edge keeps a connection that holds one).
+    pub(in crate::proxy) fn holds_any(&self) -> bool {
+        !self.joined.is_empty()
     }
 
     /// `sid` was resumed on `backend` for this connection.
@@ -279,7 +301,7 @@ mod tests {
         assert!(m.in_turn("left"), "a joined turn outlives its send's reply");
         m.leave("left");
         m.turn_answered("stray", false);
-        assert_eq!(m.take_turns_on("a"), vec!["lost".to_string()]);
+        assert_eq!(m.take_turns_on("a", |_| false), vec!["lost".to_string()]);
         assert_eq!(l.turns(), 1);
         m.drain();
         assert_eq!(l.turns(), 0);
@@ -292,9 +314,11 @@ mod tests {
         assert!(m.join("s", "a", None));
         assert!(!m.join("s", "a", None));
         m.start_turn("s", l.try_turn().unwrap());
-        assert_eq!(m.take_turns_on("b"), Vec::<String>::new());
-        assert_eq!(m.take_turns_on("a"), vec!["s".to_string()]);
-        assert!(m.take_turns_on("a").is_empty());
+        assert_eq!(m.take_turns_on("b", |_| false), Vec::<String>::new());
+        // A session being failed over: its send waits for the move, so no turn is lost.
+        assert!(m.take_turns_on("a", |sid| sid == "s").is_empty());
+        assert_eq!(m.take_turns_on("a", |_| false), vec!["s".to_string()]);
+        assert!(m.take_turns_on("a", |_| false).is_empty());
         assert_eq!(l.turns(), 0);
         assert!(!m.get("s").unwrap().needs_resume_on("a"));
         m.link_lost("a");

@@ -155,7 +155,7 @@ impl ClientConn {
 
     /// Whether a backend notification may reach this client; notes the end of a turn.
     pub(super) fn admit_notification(
-        &self,
+        self: &Arc<Self>,
         method: &str,
         session: Option<&str>,
         body: &[u8],
@@ -163,9 +163,23 @@ impl ClientConn {
         let telemetry = self.telemetry();
         let mut m = self.members();
         let pass = notification_passes(method, session, telemetry, |s| m.knows(s));
+        let mut leaving = None;
         if let (true, Some(sid), "session.event") = (pass, session, method) {
             if ends_turn(body) {
                 m.end_turn(sid);
+                leaving = m.get(sid).map(|j| j.backend.clone());
+            }
+        }
+        drop(m);
+        // A turn that a going-away edge let finish: the session moves now.
+        if let (Some(name), Some(sid)) = (leaving, session) {
+            if self
+                .shared
+                .pool
+                .get(&name)
+                .is_some_and(|b| b.edge && b.state() == crate::backend::State::Down)
+            {
+                self.move_now(sid.to_string(), None);
             }
         }
         pass
@@ -174,7 +188,9 @@ impl ClientConn {
     /// Tells the client, as a `session.error` event, that a turn in progress died with its
     /// backend: an SDK waiting in `send_and_wait` fails at once instead of at its timeout.
     pub(super) async fn turns_lost(&self, backend: &str, reason: &str) {
-        let lost = self.members().take_turns_on(backend);
+        let lost = self
+            .members()
+            .take_turns_on(backend, |sid| self.holds.get(sid).is_some());
         for sid in lost {
             let event = json!({
                 "sessionId": sid,

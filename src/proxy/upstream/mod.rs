@@ -247,10 +247,14 @@ impl LinkOwner for ClientConn {
         self.fail(&req, code, &message, data).await;
     }
 
-    async fn notification(&self, method: &str, session: Option<&str>, body: Bytes) {
+    async fn notification(self: &Arc<Self>, method: &str, session: Option<&str>, body: Bytes) {
         if self.admit_notification(method, session, &body) {
             self.send_to_client(body).await;
         }
+    }
+
+    fn backend_leaving(self: &Arc<Self>, backend: &Arc<Backend>) {
+        self.move_off(&backend.name);
     }
 
     async fn cli_request(
@@ -298,6 +302,11 @@ impl LinkOwner for ClientConn {
             if established {
                 // A refused reconnect sent nothing; only a link that carried turns loses them.
                 me.turns_lost(&backend.name, &reason).await;
+                if backend.edge {
+                    // A sidecar: the app's sessions move to another edge now, so their events
+                    // flow again without waiting for the app's next request.
+                    me.move_off(&backend.name);
+                }
             }
             for meta in in_flight {
                 if meta.route == Route::Create && meta.fresh {
