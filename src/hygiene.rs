@@ -277,6 +277,61 @@ async fn reap_one(shared: &Shared, id: &str, rec: &Record, local: Option<Instant
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Store;
+
+    /// The CLI cannot delete a due session (nothing listens at its address): the record the
+    /// reaper took comes back exactly as it was, and the next pass, with the CLI back, deletes
+    /// it once.
+    #[tokio::test]
+    async fn a_session_its_cli_cannot_delete_gets_its_record_back_exactly() {
+        let redis = test_support::redis::RedisServer::start().expect("redis-server");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let yaml = format!(
+            "listeners: [{{listen: \"127.0.0.1:0\"}}]\nbackends: [{{name: cli, address: \"{addr}\"}}]\nstate: {{kind: redis, url: \"{}\", key_prefix: \"rr:\"}}\ntenants:\n  - name: a\n    token_hashes: [\"{}\"]\n    max_session_age: 1ms\n",
+            redis.url(),
+            crate::auth::hash_token("t")
+        );
+        let cfg = crate::config::Config::from_yaml(&yaml, "t").unwrap();
+        let check = crate::registry::RedisStore::new(&cfg.state).unwrap();
+        let shared = Shared::new(cfg, None).unwrap();
+        let claimed = shared.sessions.claim("old", "a", "cli", &shared.pool).await;
+        assert_eq!(claimed.unwrap(), crate::affinity::Claim::New);
+        let before = check.get("old").await.unwrap().expect("recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let tenants = shared.auth().tenants();
+        let deleted = |shared: &Shared| {
+            shared
+                .metrics
+                .render([], crate::metrics::RegistryGauges::default())
+                .contains("sessions_deleted_total{reason=\"max_session_age\"} 1")
+        };
+
+        reap_pass(&shared, &tenants).await;
+        assert_eq!(check.get("old").await.unwrap(), Some(before.clone()));
+        assert!(
+            shared.sessions.get("old").is_some(),
+            "dropped from the cache"
+        );
+        assert!(!deleted(&shared));
+
+        let fake = test_support::fake_cli::FakeCli::start(test_support::fake_cli::FakeConfig {
+            name: "cli".into(),
+            addr: Some(addr),
+            ..Default::default()
+        })
+        .await
+        .expect("fake CLI");
+        reap_pass(&shared, &tenants).await;
+        assert_eq!(fake.requests("session.delete"), 1);
+        assert_eq!(check.get("old").await.unwrap(), None);
+        assert!(shared.sessions.get("old").is_none());
+        assert!(deleted(&shared));
+        reap_pass(&shared, &tenants).await;
+        assert_eq!(fake.requests("session.delete"), 1, "deleted twice");
+    }
 
     fn rec(created_ms: u64, last_used_ms: u64) -> Record {
         Record {
