@@ -165,7 +165,7 @@ fn delete_target(req: &Request<Incoming>) -> Option<Option<String>> {
 }
 
 async fn delete(shared: &Shared, sid: &str) -> Response<Full<Bytes>> {
-    match crate::hygiene::delete_session(shared, sid, "admin").await {
+    match crate::hygiene::delete_session(shared, sid).await {
         Ok(true) => json_resp(StatusCode::OK, json!({"deleted": true, "session_id": sid})),
         Ok(false) => json_resp(
             StatusCode::NOT_FOUND,

@@ -231,6 +231,8 @@ pub async fn graceful_shutdown(shared: &Arc<Shared>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Handed over now rather than after its TTL: another replica reaps from its next pass.
+    shared.sessions.release_lease(true).await;
     shared.shutdown.cancel();
     // Give connection tasks a moment to log their closing lines.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -236,6 +236,7 @@ impl Shared {
             up: r.up,
             errors: r.errors,
             cached: r.cached,
+            lease_held: r.hygiene_lease_held,
         };
         self.metrics
             .render(self.pool.all().iter().map(|b| b.gauges()), registry)

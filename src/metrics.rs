@@ -115,6 +115,8 @@ pub struct Metrics {
     registry_errors: Counter,
     /// Sessions in this replica's registry cache.
     registry_cached: Gauge,
+    /// Whether this replica holds the hygiene lease (reaps for the fleet).
+    hygiene_lease: Gauge,
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
     /// under a lock, on every frame.
     dirs: Vec<(&'static str, Counter, Counter)>,
@@ -143,6 +145,8 @@ pub struct RegistryGauges {
     pub errors: u64,
     /// Sessions in the cache.
     pub cached: usize,
+    /// Whether this replica holds the hygiene lease.
+    pub lease_held: bool,
 }
 
 const DIRECTIONS: [&str; 4] = ["client_in", "client_out", "backend_in", "backend_out"];
@@ -180,6 +184,7 @@ impl Metrics {
             registry_up: Gauge::default(),
             registry_errors: Counter::default(),
             registry_cached: Gauge::default(),
+            hygiene_lease: Gauge::default(),
             registry: Registry::default(),
             dirs: Vec::new(),
         };
@@ -301,6 +306,11 @@ impl Metrics {
             "Sessions in this replica's cache of the registry",
             m.registry_cached.clone(),
         );
+        registry.register(
+            "hygiene_lease_held",
+            "Whether this replica holds the hygiene lease and reaps idle and old sessions for the fleet (1) or not (0)",
+            m.hygiene_lease.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -420,6 +430,7 @@ impl Metrics {
     ) -> String {
         self.registry_up.set(i64::from(registry.up));
         self.registry_cached.set(registry.cached as i64);
+        self.hygiene_lease.set(i64::from(registry.lease_held));
         self.registry_errors
             .inner()
             .store(registry.errors, std::sync::atomic::Ordering::Relaxed);

@@ -342,3 +342,135 @@ async fn a_tenants_cap_counts_every_replicas_sessions() {
     })
     .await;
 }
+
+/// A replica on `redis` in front of `fakes` whose tenant a deletes sessions idle for 1.5 s,
+/// checked every second; last-used times are shared every 200 ms.
+async fn hygiene_replica(
+    redis: &RedisServer,
+    fakes: &[test_support::fake_cli::FakeCli],
+) -> copilot_lb::app::Running {
+    let backends: String = fakes
+        .iter()
+        .map(|f| format!("  - {{name: {}, address: {}}}\n", f.name(), f.addr()))
+        .collect();
+    let yaml = format!(
+        "listeners: [{{listen: 127.0.0.1:0}}]\nbackends:\n{backends}health: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 2}}\nsessions: {{shared_storage: true, hygiene_interval: 1s}}\nstate: {{kind: redis, url: \"{}\", key_prefix: \"hy:\", timeout: 300ms, sync_interval: 200ms, lease_ttl: 3s}}\n{}",
+        redis.url(),
+        tenants_capped("    max_idle: 1500ms\n")
+    );
+    proxy(Config::from_yaml(&yaml, "hygiene replica").expect("config"))
+        .await
+        .0
+}
+
+/// Sessions `sessions.max_idle` deleted by this replica, from its metrics.
+fn reaped_by(r: &copilot_lb::app::Running) -> u64 {
+    r.shared
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("copilot_lb_sessions_deleted_total{reason=\"max_idle\"} "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn one_replica_reaps_the_fleets_idle_sessions_and_keeps_the_busy_ones() {
+    within(T, async {
+        let redis = RedisServer::start().expect("redis-server");
+        let fakes = fakes(1, true).await;
+        let fake = &fakes[0];
+        // Replica A first, so it takes the hygiene lease; then B.
+        let a = hygiene_replica(&redis, &fakes).await;
+        let until = Instant::now() + Duration::from_secs(10);
+        while !a.shared.sessions.status().hygiene_lease_held {
+            assert!(Instant::now() < until, "replica A never took the lease");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let b = hygiene_replica(&redis, &fakes).await;
+        let mut a1 = as_tenant(a.listen_addrs[0], "tok-a").await;
+        let mut b1 = as_tenant(b.listen_addrs[0], "tok-a").await;
+        // busy: created through A, then used through B only (A's own view of it goes stale).
+        // both: created through A, opened through B, then left alone.
+        // b-only: created through B; A never hears of it.
+        a1.ok("session.create", json!({"sessionId": "hy-busy"}))
+            .await;
+        a1.ok("session.create", json!({"sessionId": "hy-both"}))
+            .await;
+        b1.ok("session.resume", json!({"sessionId": "hy-busy"}))
+            .await;
+        b1.ok("session.resume", json!({"sessionId": "hy-both"}))
+            .await;
+        b1.ok("session.create", json!({"sessionId": "hy-b-only"}))
+            .await;
+        assert!(a.shared.sessions.get("hy-b-only").is_none());
+
+        // Keep hy-busy busy through B until both idle ones are gone, and a pass beyond.
+        let idle_gone = || {
+            let s = fake.storage();
+            !s.contains("hy-both") && !s.contains("hy-b-only")
+        };
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut gone_at = None;
+        loop {
+            b1.ok(
+                "session.send",
+                json!({"sessionId": "hy-busy", "prompt": "still here"}),
+            )
+            .await;
+            if gone_at.is_none() && idle_gone() {
+                gone_at = Some(Instant::now());
+            }
+            if gone_at.is_some_and(|t| t.elapsed() > Duration::from_millis(2500)) {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "idle sessions not reaped: {:?}",
+                fake.storage().ids()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        assert!(
+            fake.storage().contains("hy-busy"),
+            "the busy session was reaped"
+        );
+        assert_eq!(
+            fake.requests("session.delete"),
+            2,
+            "each idle session deleted exactly once"
+        );
+        assert_eq!(
+            reaped_by(&a),
+            2,
+            "the lease holder reaps the fleet's sessions"
+        );
+        assert_eq!(reaped_by(&b), 0, "a replica without the lease reaped");
+        assert!(!b.shared.sessions.status().hygiene_lease_held);
+        // B dropped them from its cache, though its client still held one open: it is gone
+        // on the CLI, so B refuses it as unknown rather than re-asserting it.
+        let until = Instant::now() + Duration::from_secs(5);
+        while b.shared.sessions.get("hy-both").is_some()
+            || b.shared.sessions.get("hy-b-only").is_some()
+        {
+            assert!(
+                Instant::now() < until,
+                "replica B still caches reaped sessions"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = b1
+            .call(
+                "session.send",
+                json!({"sessionId": "hy-both", "prompt": "x"}),
+            )
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        // And the busy one still works through either replica.
+        a1.ok(
+            "session.send",
+            json!({"sessionId": "hy-busy", "prompt": "via A"}),
+        )
+        .await;
+    })
+    .await;
+}

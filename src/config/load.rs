@@ -85,6 +85,16 @@ impl Config {
             }
         };
         problems.extend(self.state.problems());
+        let hygiene = self.sessions.hygiene_interval();
+        if hygiene < std::time::Duration::from_secs(1) {
+            problems.push("sessions.hygiene_interval must be at least 1s (each pass walks every session record)".into());
+        }
+        if self.state.kind == super::StateKind::Redis && self.state.lease_ttl() <= hygiene {
+            problems.push(format!(
+                "state.lease_ttl ({:?}) must be longer than sessions.hygiene_interval ({hygiene:?}): the lease holder renews it once per interval",
+                self.state.lease_ttl()
+            ));
+        }
         for l in &self.listeners {
             if let Err(e) = check_addr(&l.listen.value) {
                 problems.push(format!("{}: listeners[].listen {e}", at(&l.listen)));
@@ -387,6 +397,7 @@ impl super::StateConfig {
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
             ("key_prefix", self.key_prefix.is_some()),
+            ("lease_ttl", self.lease_ttl.is_some()),
         ];
         let kind = match self.kind {
             StateKind::Embedded => "embedded",

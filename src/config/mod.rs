@@ -134,6 +134,9 @@ pub struct StateConfig {
     /// How often a replica writes last-used times and re-asserts what it holds (default 5 s).
     #[serde(default)]
     pub sync_interval: Option<Millis>,
+    /// Redis: how long the hygiene lease outlives its holder's last renewal (default 15 s).
+    #[serde(default)]
+    pub lease_ttl: Option<Millis>,
 }
 
 /// Why a Redis setting could not be read.
@@ -181,6 +184,14 @@ impl StateConfig {
         self.sync_interval
             .map(|m| m.0)
             .unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Redis: how long the hygiene reaper's lease lasts without a renewal (default 15 s): a
+    /// holder that stalls or dies loses it this long after its last renewal.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+            .map(|m| m.0)
+            .unwrap_or(Duration::from_secs(15))
     }
 
     /// Prefix of every Redis key.
@@ -286,6 +297,9 @@ pub struct SessionsConfig {
     /// Default for every tenant: delete sessions idle this long (off by default).
     #[serde(default)]
     pub max_idle: Option<Millis>,
+    /// How often the hygiene reaper walks the registry for sessions past a limit (default 5 s).
+    #[serde(default)]
+    pub hygiene_interval: Option<Millis>,
 }
 
 impl SessionsConfig {
@@ -301,6 +315,14 @@ impl SessionsConfig {
     /// Wait bound for a health verdict (default 5 s).
     pub fn detect_timeout(&self) -> Duration {
         self.detect_timeout
+            .map(|m| m.0)
+            .unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Interval of the hygiene reaper (default 5 s): each pass walks every record in the
+    /// registry, so it is not run every second.
+    pub fn hygiene_interval(&self) -> Duration {
+        self.hygiene_interval
             .map(|m| m.0)
             .unwrap_or(Duration::from_secs(5))
     }
@@ -772,6 +794,31 @@ pub fn default_path() -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hygiene_interval_and_lease_ttl_are_checked_together() {
+        let redis = "state: {kind: redis, url: \"redis://127.0.0.1:1/0\"";
+        let ok = Config::from_yaml(&format!("{redis}}}\n"), "t").unwrap();
+        assert_eq!(ok.sessions.hygiene_interval(), Duration::from_secs(5));
+        assert_eq!(ok.state.lease_ttl(), Duration::from_secs(15));
+        for (bad, why) in [
+            (
+                "sessions: {hygiene_interval: 200ms}\n".to_string(),
+                "at least 1s",
+            ),
+            (
+                format!("sessions: {{hygiene_interval: 10s}}\n{redis}, lease_ttl: 10s}}\n"),
+                "longer than sessions.hygiene_interval",
+            ),
+            (
+                "state: {kind: embedded, lease_ttl: 30s}\n".to_string(),
+                "redis setting",
+            ),
+        ] {
+            let e = Config::from_yaml(&bad, "t").unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -53,6 +53,7 @@ enum Op {
         oneshot::Sender<Result<bool, StoreError>>,
     ),
     Undo(String, Record, oneshot::Sender<Result<bool, StoreError>>),
+    RemoveExact(String, Record, oneshot::Sender<Result<bool, StoreError>>),
     Sync(
         Vec<(String, Record)>,
         oneshot::Sender<Result<Vec<(String, Record)>, StoreError>>,
@@ -238,6 +239,7 @@ fn apply(t: &mut redb::Table<&str, &[u8]>, op: Op) -> Answer {
         Op::Move(id, epoch, backend, tx) => Answer::Move(move_in(t, &id, epoch, backend), tx),
         Op::Remove(id, epoch, tx) => Answer::Remove(remove_in(t, &id, epoch), tx),
         Op::Undo(id, rec, tx) => Answer::Remove(undo_in(t, &id, &rec), tx),
+        Op::RemoveExact(id, rec, tx) => Answer::Remove(remove_exact_in(t, &id, &rec), tx),
         Op::Sync(held, tx) => Answer::Sync(sync_in(t, &held), tx),
     }
 }
@@ -315,6 +317,51 @@ fn undo_in(t: &mut redb::Table<&str, &[u8]>, id: &str, rec: &Record) -> Result<b
     }
 }
 
+fn remove_exact_in(
+    t: &mut redb::Table<&str, &[u8]>,
+    id: &str,
+    rec: &Record,
+) -> Result<bool, StoreError> {
+    match get_in(t, id)? {
+        Some(r) if r == *rec => {
+            t.remove(id).map_err(redb::Error::from)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Up to `count` records after the key `from` (exclusive), in key order.
+fn scan(db: &Database, from: Option<&str>, count: usize) -> Result<super::Page, StoreError> {
+    use std::ops::Bound;
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let t = tx.open_table(SESSIONS).map_err(redb::Error::from)?;
+    let range: (Bound<&str>, Bound<&str>) = match from {
+        Some(k) => (Bound::Excluded(k), Bound::Unbounded),
+        None => (Bound::Unbounded, Bound::Unbounded),
+    };
+    let mut page = super::Page::default();
+    let mut last = None;
+    for (n, row) in t
+        .range::<&str>(range)
+        .map_err(redb::Error::from)?
+        .enumerate()
+    {
+        if n == count.max(1) {
+            page.next = last;
+            return Ok(page);
+        }
+        let (k, v) = row.map_err(redb::Error::from)?;
+        let id = k.value().to_string();
+        // As at start-up: a record this version cannot read is left alone.
+        if let Ok(r) = decode(&id, v.value()) {
+            page.records.push((id.clone(), r));
+        }
+        last = Some(id);
+    }
+    Ok(page)
+}
+
 /// Whether `r` is the record `rec` created (last-used times move; nothing else may).
 fn same_create(r: &Record, rec: &Record) -> bool {
     (&r.owner, &r.backend, r.epoch, r.created_ms)
@@ -344,6 +391,29 @@ fn sync_in(
 }
 
 impl Store for Embedded {
+    async fn remove_exact(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
+        let (id, rec) = (id.to_string(), rec.clone());
+        self.ask(|tx| Op::RemoveExact(id, rec, tx)).await
+    }
+
+    async fn scan(&self, from: Option<&str>, count: usize) -> Result<super::Page, StoreError> {
+        scan(&self.db, from, count)
+    }
+
+    /// The file is this process's alone (a second opener is refused), so this process is
+    /// the only reaper there can be: it always holds the lease.
+    async fn lease(
+        &self,
+        me: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(Some(me.to_string()))
+    }
+
+    async fn release(&self, _me: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// One process has the file: there are no other replicas to count.
     async fn share_live(
         &self,

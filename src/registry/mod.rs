@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub(crate) use embedded::Embedded;
 pub(crate) use redis_store::RedisStore;
@@ -128,6 +128,14 @@ pub(crate) struct LiveCounts {
     pub(crate) backends: std::collections::HashMap<String, u64>,
 }
 
+/// One page of a walk over every record (the hygiene reaper's).
+#[derive(Debug, Default)]
+pub(crate) struct Page {
+    pub(crate) records: Vec<(String, Record)>,
+    /// Where the next page starts; `None` when this was the last.
+    pub(crate) next: Option<String>,
+}
+
 /// What a registry store does; [`suite`] runs the same tests against every implementation.
 pub(crate) trait Store: Send + Sync + 'static {
     /// The record of `id`, if any.
@@ -166,6 +174,31 @@ pub(crate) trait Store: Send + Sync + 'static {
         id: &str,
         rec: &Record,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Deletes `id` only if its record is exactly `rec` (owner, backend, epoch, created and
+    /// last-used time): the hygiene reaper's compare-and-set, so a session touched (synced)
+    /// or moved through any replica since the reaper read it is kept. Whether it deleted.
+    fn remove_exact(
+        &self,
+        id: &str,
+        rec: &Record,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Up to about `count` records, from `from` (`None`: the start); `next` is where the
+    /// following page starts (`None`: the walk is complete). A record present for the whole
+    /// walk is returned at least once; one may be returned twice.
+    fn scan(
+        &self,
+        from: Option<&str>,
+        count: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+    /// Takes or renews the hygiene lease for replica `me` for `ttl`; returns the holder as
+    /// the store has it now (`Some(me)` when `me` holds it; `None` when nobody does).
+    fn lease(
+        &self,
+        me: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    /// Gives the hygiene lease up if `me` holds it.
+    fn release(&self, me: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Publishes what replica `me` holds live (kept for `ttl`, so a replica that dies stops
     /// counting) and returns the sum of what every other live replica published.
     fn share_live(
@@ -223,7 +256,17 @@ pub struct Registry {
     sync_every: Duration,
     up: AtomicBool,
     errors: AtomicU64,
+    /// The hygiene lease: how long it lasts unrenewed, whether this replica holds it (as of
+    /// its last attempt), the holder the store named then, and whether it was given up for
+    /// good (shutdown).
+    lease_ttl: Duration,
+    lease_held: AtomicBool,
+    lease_holder: std::sync::Mutex<Option<String>>,
+    lease_closed: AtomicBool,
 }
+
+/// Records per page of the hygiene reaper's walk (one SCAN and one pipelined read each).
+const SCAN_BATCH: usize = 256;
 
 /// A snapshot of the registry's state, for `/readyz`, the admin API and metrics.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -236,6 +279,13 @@ pub struct RegistryStatus {
     pub errors: u64,
     /// Sessions in this replica's cache.
     pub cached: usize,
+    /// This replica's id in the fleet (random per process; names the hygiene lease holder).
+    pub replica: String,
+    /// Whether this replica holds the hygiene lease (it alone reaps idle and old sessions).
+    pub hygiene_lease_held: bool,
+    /// The lease holder as of this replica's last attempt (`None`: nobody, or not asked:
+    /// no tenant has a hygiene limit).
+    pub hygiene_lease_holder: Option<String>,
 }
 
 impl Registry {
@@ -254,6 +304,10 @@ impl Registry {
             sync_every,
             up: AtomicBool::new(true),
             errors: AtomicU64::new(0),
+            lease_ttl: Duration::from_secs(15),
+            lease_held: AtomicBool::new(false),
+            lease_holder: std::sync::Mutex::new(None),
+            lease_closed: AtomicBool::new(false),
         }
     }
 
@@ -275,7 +329,8 @@ impl Registry {
                 RedisStore::new(cfg).map_err(OpenError::Redis)?,
             )),
         };
-        let reg = Registry::with(store, timeout, sync_every);
+        let mut reg = Registry::with(store, timeout, sync_every);
+        reg.lease_ttl = cfg.lease_ttl();
         if let Kind::Embedded(db) = &reg.store {
             let all = db.list_now().map_err(|source| OpenError::Embedded {
                 path: cfg.embedded_path().display().to_string(),
@@ -310,6 +365,13 @@ impl Registry {
             up: self.up.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             cached: self.table.len(),
+            replica: self.replica.clone(),
+            hygiene_lease_held: self.lease_held.load(Ordering::Relaxed),
+            hygiene_lease_holder: self
+                .lease_holder
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -594,6 +656,19 @@ impl Registry {
         Ok(p)
     }
 
+    /// Forgets `id` here and in the store after its CLI deleted it (admin API): every other
+    /// replica drops it too, even where a client connection still holds it.
+    pub(crate) async fn remove_gone(&self, id: &str, pool: &Pool) -> Result<(), StoreError> {
+        self.table.remove(id, pool);
+        if self.shared_store() {
+            with_store!(self, s => self.guarded(s.remove(id, None)).await)?;
+            if let Kind::Redis(s) = &self.store {
+                s.announce_gone(id).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps the store in step with what this replica holds, every `state.sync_interval`,
     /// until `stop`: last-used times, re-assertion after the store lost its data, the cache
     /// corrected where another replica moved or re-owned a session, and the fleet's live
@@ -664,6 +739,133 @@ impl Registry {
             b.set_elsewhere(others.backends.get(&b.name).copied().unwrap_or(0));
         }
         *self.elsewhere.lock().unwrap_or_else(|e| e.into_inner()) = others.tenants;
+    }
+
+    // ---- session hygiene: one reaper for the fleet ---------------------------------------
+
+    /// Takes or renews the hygiene lease; whether this replica holds it now. A store that
+    /// does not answer means "not held": the lease then lapses after its TTL and another
+    /// replica takes it, so a stalled holder stops reaping rather than reaping twice.
+    pub async fn hygiene_lease(&self) -> bool {
+        if self.lease_closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let holder = match &self.store {
+            Kind::Memory => Ok(Some(self.replica.clone())),
+            Kind::Embedded(s) => self.guarded(s.lease(&self.replica, self.lease_ttl)).await,
+            Kind::Redis(s) => self.guarded(s.lease(&self.replica, self.lease_ttl)).await,
+        };
+        let (held, holder) = match holder {
+            Ok(h) => (h.as_deref() == Some(self.replica.as_str()), h),
+            Err(e) => {
+                debug!(error = %e, "hygiene lease not renewed");
+                (false, None)
+            }
+        };
+        let was = self.lease_held.swap(held, Ordering::Relaxed);
+        if was != held {
+            if held {
+                info!(replica = %self.replica, "hygiene lease taken: this replica reaps idle and old sessions for the fleet");
+            } else {
+                info!(replica = %self.replica, holder = ?holder, "hygiene lease not held: another replica reaps");
+            }
+        }
+        *self.lease_holder.lock().unwrap_or_else(|e| e.into_inner()) = holder;
+        held
+    }
+
+    /// Gives the hygiene lease up. `for_good` (shutdown) also stops this replica from taking
+    /// it again; otherwise (no tenant has a limit any more) it may take it later.
+    pub async fn release_lease(&self, for_good: bool) {
+        if for_good {
+            self.lease_closed.store(true, Ordering::Relaxed);
+        }
+        if !self.lease_held.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        *self.lease_holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let r = match &self.store {
+            Kind::Memory => Ok(()),
+            Kind::Embedded(s) => self.guarded(s.release(&self.replica)).await,
+            Kind::Redis(s) => self.guarded(s.release(&self.replica)).await,
+        };
+        match r {
+            Ok(()) => info!(replica = %self.replica, "hygiene lease released"),
+            Err(e) => {
+                warn!(error = %e, "hygiene lease not released; it lapses after state.lease_ttl")
+            }
+        }
+    }
+
+    /// How long the hygiene lease lasts unrenewed.
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// How stale a record's last-used time may be: other replicas write theirs once per
+    /// sync interval (Redis); a single process knows every use itself.
+    pub(crate) fn idle_grace(&self) -> Duration {
+        match self.store {
+            Kind::Redis(_) => self.sync_every,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// One page of the walk over every record in the store (the whole fleet's, not only
+    /// this replica's cache); the memory registry's table is its whole record.
+    pub(crate) async fn scan_page(&self, from: Option<&str>) -> Result<Page, StoreError> {
+        match &self.store {
+            Kind::Memory => Ok(Page {
+                records: self
+                    .table
+                    .snapshot()
+                    .into_iter()
+                    .map(|(id, p)| {
+                        let r = Record::of(&p);
+                        (id, r)
+                    })
+                    .collect(),
+                next: None,
+            }),
+            Kind::Embedded(s) => self.guarded(s.scan(from, SCAN_BATCH)).await,
+            Kind::Redis(s) => self.guarded(s.scan(from, SCAN_BATCH)).await,
+        }
+    }
+
+    /// The reaper's compare-and-set: removes the record of `id` only if it is still exactly
+    /// `rec` (so a session used or moved meanwhile, through any replica, is kept). The
+    /// cache entry stays until the CLI has deleted the session ([`Registry::forget_gone`]).
+    pub(crate) async fn take_if_unchanged(
+        &self,
+        id: &str,
+        rec: &Record,
+    ) -> Result<bool, StoreError> {
+        match &self.store {
+            Kind::Memory => Ok(self.table.get(id).is_some_and(|p| p.epoch == rec.epoch)),
+            Kind::Embedded(s) => self.guarded(s.remove_exact(id, rec)).await,
+            Kind::Redis(s) => self.guarded(s.remove_exact(id, rec)).await,
+        }
+    }
+
+    /// Puts back, exactly, a record the reaper took when the CLI then could not delete the
+    /// session (insert-if-absent: a session re-created meanwhile under that id is left
+    /// alone). Whether it is back as it was.
+    pub(crate) async fn restore(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
+        let created = match &self.store {
+            Kind::Memory => return Ok(true),
+            Kind::Embedded(s) => self.guarded(s.create(id, rec)).await?,
+            Kind::Redis(s) => self.guarded(s.create(id, rec)).await?,
+        };
+        Ok(created == Created::Inserted)
+    }
+
+    /// Forgets a session its CLI has deleted: here, and (announced) in every other
+    /// replica's cache, even where a client connection still holds it.
+    pub(crate) async fn forget_gone(&self, id: &str, pool: &Pool) {
+        self.table.remove(id, pool);
+        if let Kind::Redis(s) = &self.store {
+            s.announce_gone(id).await;
+        }
     }
 
     /// Follows other replicas' moves and deletes (Redis pub/sub) until `stop`, so the cache

@@ -53,6 +53,31 @@ end
 return 0
 ";
 
+/// The hygiene reaper's compare-and-set delete: only the record exactly as it was read.
+/// ARGV: owner, backend, epoch, created, last used.
+const REMOVE_EXACT: &str = r"
+local r = redis.call('HMGET', KEYS[1], 'o', 'b', 'e', 'c', 'u')
+if r[1] == ARGV[1] and r[2] == ARGV[2] and r[3] == ARGV[3] and r[4] == ARGV[4] and r[5] == ARGV[5] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Renews the hygiene lease if ARGV[1] holds it (compare-and-set on the holder, so a
+/// replica whose lease expired and was taken never extends the new holder's); returns the
+/// holder, or nil when nobody holds it.
+const RENEW_LEASE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return cur
+";
+
+/// Deletes the hygiene lease only if ARGV[1] holds it.
+const RELEASE_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
 /// KEYS: the sessions; ARGV: five values per session (owner, backend, epoch, created,
 /// used). Returns, flattened, `index, HGETALL...` for each record that differs.
 const SYNC: &str = r"
@@ -108,6 +133,9 @@ pub(crate) struct RedisStore {
     sync: Script,
     share: Script,
     undo: Script,
+    remove_exact: Script,
+    renew: Script,
+    release: Script,
 }
 
 /// A move or delete, as announced to the other replicas.
@@ -121,6 +149,11 @@ enum Event {
         epoch: u64,
     },
     Delete {
+        id: String,
+    },
+    /// Deleted on its CLI too (hygiene, admin): dropped from every cache even where a
+    /// client connection still holds it, so no replica re-asserts a session that is gone.
+    Gone {
         id: String,
     },
 }
@@ -184,11 +217,32 @@ impl RedisStore {
             sync: Script::new(SYNC),
             share: Script::new(SHARE_LIVE),
             undo: Script::new(UNDO),
+            remove_exact: Script::new(REMOVE_EXACT),
+            renew: Script::new(RENEW_LEASE),
+            release: Script::new(RELEASE_LEASE),
         })
     }
 
     fn key(&self, id: &str) -> String {
         format!("{}s:{id}", self.prefix)
+    }
+
+    /// The SCAN pattern of every session key: the prefix with its glob characters escaped
+    /// (a prefix is the operator's, and may hold any of them).
+    fn session_pattern(&self) -> String {
+        let mut p = String::new();
+        for ch in format!("{}s:", self.prefix).chars() {
+            if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                p.push('\\');
+            }
+            p.push(ch);
+        }
+        p.push('*');
+        p
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}hygiene:lease", self.prefix)
     }
 
     fn channel(&self) -> String {
@@ -238,6 +292,10 @@ impl RedisStore {
 
     pub(crate) async fn announce_delete(&self, id: &str) {
         self.publish(&Event::Delete { id: id.to_string() }).await
+    }
+
+    pub(crate) async fn announce_gone(&self, id: &str) {
+        self.publish(&Event::Gone { id: id.to_string() }).await
     }
 
     /// Applies the other replicas' announcements to `table` until `stop`. On every
@@ -291,6 +349,9 @@ impl RedisStore {
                                 }
                             }
                             Ok(Event::Delete { id }) => table.forget_idle(&id),
+                            Ok(Event::Gone { id }) => {
+                                table.remove(&id, pool);
+                            }
                             Err(e) => {
                                 debug!(error = %e, "unreadable registry announcement ignored")
                             }
@@ -315,6 +376,93 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    async fn remove_exact(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .remove_exact
+            .key(self.key(id))
+            .arg(&rec.owner)
+            .arg(&rec.backend)
+            .arg(rec.epoch)
+            .arg(rec.created_ms)
+            .arg(rec.last_used_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn scan(&self, from: Option<&str>, count: usize) -> Result<super::Page, StoreError> {
+        let mut c = self.conn().await?;
+        let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
+            .arg(from.unwrap_or("0"))
+            .arg("MATCH")
+            .arg(self.session_pattern())
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut c)
+            .await?;
+        let strip = format!("{}s:", self.prefix);
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hgetall(k);
+        }
+        let all: Vec<Vec<String>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut c).await?
+        };
+        let mut page = super::Page {
+            records: Vec::with_capacity(keys.len()),
+            next: (next != "0").then_some(next),
+        };
+        for (k, flat) in keys.iter().zip(all) {
+            let Some(id) = k.strip_prefix(&strip) else {
+                continue;
+            };
+            // Deleted between SCAN and HGETALL: nothing to reap. A malformed record is left
+            // for an operator (the proxy refuses its session as unknown anyway).
+            if let Ok(Some(r)) = parse_record(id, &flat) {
+                page.records.push((id.to_string(), r));
+            }
+        }
+        Ok(page)
+    }
+
+    async fn lease(&self, me: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn().await?;
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.lease_key())
+            .arg(me)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut c)
+            .await?;
+        if set.is_some() {
+            return Ok(Some(me.to_string()));
+        }
+        let holder: Option<String> = self
+            .renew
+            .key(self.lease_key())
+            .arg(me)
+            .arg(ttl_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(holder)
+    }
+
+    async fn release(&self, me: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: i64 = self
+            .release
+            .key(self.lease_key())
+            .arg(me)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
     async fn undo_create(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
         let n: i64 = self

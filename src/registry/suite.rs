@@ -85,6 +85,31 @@ async fn rules<S: Store>(s: &S) {
     assert_eq!(s.get("u1").await.unwrap(), None);
     assert!(!s.undo_create("u1", &mine).await.unwrap());
 
+    // The reaper's delete: only the record exactly as it was read. Once its last-used time
+    // moved on (a replica synced a use), or it was moved, the delete is refused.
+    let seen = rec("h", "b1");
+    assert_eq!(s.create("h1", &seen).await.unwrap(), Created::Inserted);
+    let mut used = seen.clone();
+    used.last_used_ms += 1_000;
+    assert!(s
+        .sync(&[("h1".into(), used.clone())])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!s.remove_exact("h1", &seen).await.unwrap());
+    assert_eq!(s.get("h1").await.unwrap(), Some(used.clone()));
+    let Moved::Done(moved) = s.move_to("h1", 1, "b2").await.unwrap() else {
+        panic!("move refused")
+    };
+    assert!(!s.remove_exact("h1", &used).await.unwrap());
+    assert!(s.remove_exact("h1", &moved).await.unwrap());
+    assert_eq!(s.get("h1").await.unwrap(), None);
+    assert!(!s.remove_exact("h1", &moved).await.unwrap());
+    // Put back as it was (the CLI could not delete it): exactly the record, again reapable.
+    assert_eq!(s.create("h1", &moved).await.unwrap(), Created::Inserted);
+    assert_eq!(s.get("h1").await.unwrap(), Some(moved.clone()));
+    assert!(s.remove_exact("h1", &moved).await.unwrap());
+
     // Ids are opaque: anything a client may send is its own key, never a pattern.
     for id in ["a:b", "s*", "x y", "ünï", "{tag}"] {
         assert_eq!(
@@ -109,6 +134,133 @@ async fn rules<S: Store>(s: &S) {
             assert_eq!(r, winner);
         }
     }
+}
+
+/// The reaper's walk: every record, in bounded pages, whoever wrote it.
+async fn walk<S: Store>(s: &S) {
+    let ids: std::collections::BTreeSet<String> = (0..600).map(|i| format!("w-{i}")).collect();
+    for id in &ids {
+        assert_eq!(
+            s.create(id, &rec("w", "b1")).await.unwrap(),
+            Created::Inserted
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut from: Option<String> = None;
+    for pages in 1.. {
+        let page = s.scan(from.as_deref(), 100).await.unwrap();
+        // Redis's COUNT is a hint: a page may hold a few more, never the whole set at once.
+        assert!(
+            page.records.len() <= 300,
+            "{} in one page",
+            page.records.len()
+        );
+        for (id, r) in page.records {
+            assert_eq!(r.owner, "w");
+            seen.insert(id);
+        }
+        match page.next {
+            Some(n) => from = Some(n),
+            None => break,
+        }
+        assert!(pages < 1_000, "the walk never ended");
+    }
+    assert_eq!(seen, ids);
+}
+
+/// The hygiene lease on a store several replicas share: one holder at a time, renewed by
+/// its holder only, lost after its TTL without renewal, handed over on release.
+async fn lease_is_exclusive<S: Store>(s: &S) {
+    let ttl = Duration::from_millis(400);
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r1"));
+    assert_eq!(s.lease("r2", ttl).await.unwrap().as_deref(), Some("r1"));
+    // Renewed by r1 for longer than one TTL: r2 never gets it.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r1"));
+        assert_eq!(s.lease("r2", ttl).await.unwrap().as_deref(), Some("r1"));
+    }
+    // r1 stalls (stops renewing): after the TTL r2 takes it, and r1 cannot renew r2's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.lease("r2", ttl).await.unwrap().as_deref(), Some("r2"));
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r2"));
+    // A release by a non-holder changes nothing; the holder's hands it over at once.
+    s.release("r1").await.unwrap();
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r2"));
+    s.release("r2").await.unwrap();
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r1"));
+}
+
+#[tokio::test]
+async fn embedded_store_walks_every_record_and_always_holds_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Embedded::open(&dir.path().join("state.redb")).unwrap();
+    walk(&s).await;
+    // One process has the file (a second opener is refused): it is the only reaper.
+    let ttl = Duration::from_millis(100);
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r1"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(s.lease("r1", ttl).await.unwrap().as_deref(), Some("r1"));
+}
+
+#[tokio::test]
+async fn redis_store_walks_every_record_and_leases_one_holder_at_a_time() {
+    let server = RedisServer::start().expect("redis-server");
+    // A prefix with glob characters: the walk matches it literally.
+    let s = RedisStore::new(&redis_config(&server.url(), "w*[1]:")).unwrap();
+    let other = RedisStore::new(&redis_config(&server.url(), "w-other:")).unwrap();
+    assert_eq!(
+        other.create("x", &rec("o", "b1")).await.unwrap(),
+        Created::Inserted
+    );
+    walk(&s).await;
+    lease_is_exclusive(&s).await;
+    // Another fleet's lease (another prefix) is its own.
+    assert_eq!(
+        other
+            .lease("r9", Duration::from_secs(1))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("r9")
+    );
+}
+
+#[tokio::test]
+async fn a_registry_reports_its_hygiene_lease_and_gives_it_up_on_shutdown() {
+    let server = RedisServer::start().expect("redis-server");
+    let open = || {
+        let mut r = Registry::with(
+            Kind::Redis(std::sync::Arc::new(
+                RedisStore::new(&redis_config(&server.url(), "hl:")).unwrap(),
+            )),
+            Duration::from_millis(300),
+            Duration::from_millis(200),
+        );
+        r.lease_ttl = Duration::from_secs(30);
+        r
+    };
+    let (r1, r2) = (open(), open());
+    assert!(r1.hygiene_lease().await);
+    assert!(!r2.hygiene_lease().await);
+    let (s1, s2) = (r1.status(), r2.status());
+    assert!(s1.hygiene_lease_held && !s2.hygiene_lease_held);
+    assert_eq!(
+        s2.hygiene_lease_holder.as_deref(),
+        Some(s1.replica.as_str())
+    );
+    assert_eq!(r1.idle_grace(), Duration::from_millis(200));
+    // Shut down: handed over at once (not after the 30 s TTL), and never taken again.
+    r1.release_lease(true).await;
+    assert!(r2.hygiene_lease().await);
+    r2.release_lease(false).await;
+    assert!(!r1.hygiene_lease().await);
+    assert!(!r1.status().hygiene_lease_held);
+    // Redis stalled: the holder stops counting itself the holder (it may have lapsed).
+    assert!(r2.hygiene_lease().await);
+    server.pause();
+    assert!(!r2.hygiene_lease().await);
+    server.resume();
 }
 
 #[tokio::test]

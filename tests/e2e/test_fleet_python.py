@@ -14,7 +14,9 @@ test uses its own session ids.
 3. tenant ownership across replicas and across a replica restart (kill -9);
 4. a replica killed with -9: a new client through another replica resumes, history intact;
 5. Redis stalled (SIGSTOP) and restarted empty while sessions are in use;
-6. the session's CLI killed with -9 while two replicas have it open: both follow one move.
+6. the session's CLI killed with -9 while two replicas have it open: both follow one move;
+7. a create refused during a stall leaves no record;
+8. caps across replicas: a tenant's and a backend's max_sessions count every replica's sessions.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ PREFIX = "e2e:"
 SEND_TIMEOUT_S = 60
 FOREIGN = -32012        # another tenant's session (or no record of it)
 UNAVAILABLE = -32011    # retryable: no backend, or the registry cannot answer
+SESSION_LIMIT = -32013  # a tenant's or a backend's max_sessions
+SYNC_INTERVAL_MS = 500  # state.sync_interval of every replica: live counts are exchanged this often
 
 
 def token_hash(tok: str) -> str:
@@ -96,7 +100,8 @@ def pool(e2e_install, tmp_path_factory, request) -> Pool:
     return p
 
 
-def replica_config(pool: Pool, redis: harness.Redis, port: int, admin_port: int, drain=()) -> str:
+def replica_config(pool: Pool, redis: harness.Redis, port: int, admin_port: int, drain=(),
+                   tenant_caps=None, backend_caps=None) -> str:
     lines = [
         "listeners:",
         f"  - listen: 127.0.0.1:{port}",
@@ -108,9 +113,13 @@ def replica_config(pool: Pool, redis: harness.Redis, port: int, admin_port: int,
         lines += [f"  - name: {name}", f"    address: {b.addr}"]
         if name in drain:
             lines.append("    drain: true")
+        if name in (backend_caps or {}):
+            lines.append(f"    max_sessions: {backend_caps[name]}")
     lines += ["tenants:"]
     for tenant, tok in TOKENS.items():
         lines += [f"  - name: {tenant}", f"    token_hashes: [\"{token_hash(tok)}\"]"]
+        if tenant in (tenant_caps or {}):
+            lines.append(f"    max_sessions: {tenant_caps[tenant]}")
     lines += [
         "sessions:",
         "  shared_storage: true",
@@ -124,7 +133,7 @@ def replica_config(pool: Pool, redis: harness.Redis, port: int, admin_port: int,
         "  kind: redis",
         f"  url: \"{redis.url}\"",
         f"  key_prefix: \"{PREFIX}\"",
-        "  sync_interval: 500ms",
+        f"  sync_interval: {SYNC_INTERVAL_MS}ms",
     ]
     return "\n".join(lines) + "\n"
 
@@ -206,10 +215,10 @@ class Fleet(harness.Cluster):
     redis: harness.Redis | None = None
     replicas: list[Replica] = field(default_factory=list)
 
-    def replica(self, name: str, drain=()) -> Replica:
+    def replica(self, name: str, drain=(), **caps) -> Replica:
         port, admin_port = harness.free_port(), harness.free_port()
         cfg = self.run_dir / f"{name}.yaml"
-        cfg.write_text(replica_config(self.pool, self.redis, port, admin_port, drain))
+        cfg.write_text(replica_config(self.pool, self.redis, port, admin_port, drain, **caps))
         r = Replica(name=name, run_dir=self.run_dir, config_path=cfg, port=port, admin_port=admin_port)
         self.replicas.append(r)
         return r.start()
@@ -771,3 +780,91 @@ def test_fleet_create_refused_during_stall_leaves_no_record(fleet):
     # The replica undoes a create it could not confirm (retried until Redis answers).
     poll(consistent, 5, f"{sid}: refused create left the record {f.record(sid)} with no CLI session",
          interval=0.25)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. caps across replicas: max_sessions of a tenant and of a backend hold fleet-wide
+# ---------------------------------------------------------------------------------------
+def test_fleet_caps_across_replicas(fleet):
+    """team-a may hold 2 live sessions and cli-1 may hold 1, counted over both replicas.
+
+    The slack, as the README states it: each replica publishes its live counts and reads the
+    others' once per state.sync_interval, so a session made live through the other replica
+    within the last interval or two is not yet counted. The test sets the interval short
+    (500 ms) and waits it out (SETTLE, three intervals) after each session it makes live
+    before asking the other replica; without that wait a burst could pass a cap by that much.
+    """
+    f, pool = fleet, fleet.pool
+    caps = dict(tenant_caps={"team-a": 2}, backend_caps={"cli-1": 1})
+    r1 = f.replica("replica1", **caps)
+    r2 = f.replica("replica2", **caps)
+    settle = 3 * SYNC_INTERVAL_MS / 1000
+    # Homes chosen so that bounded load never moves a session onto cli-1 by itself.
+    a1, _ = sid_homed(r1.config_path, "fleet-cap-a1", want_home="cli-2")
+    a2, _ = sid_homed(r1.config_path, "fleet-cap-a2", want_home="cli-3")
+    a3, a4, a5 = (f"fleet-cap-a{n}-{NONCE}" for n in (3, 4, 5))
+    b1, _ = sid_homed(r1.config_path, "fleet-cap-b1", want_home="cli-1")
+    b2, _ = sid_homed(r1.config_path, "fleet-cap-b2", want_home="cli-1")
+
+    def fleet_sessions(r: Replica, backend: str) -> int:
+        return {b["name"]: b["fleet_sessions"] for b in r.admin("/api/backends")["backends"]}[backend]
+
+    async def raw_create(r: Replica, tenant: str, sid: str) -> dict:
+        c = await RawClient.open(r.url, token=TOKENS[tenant])
+        try:
+            return await c.call("session.create", wire_create(pool, sid), 30)
+        finally:
+            c.abort()
+
+    async def go():
+        ca1, ca2 = new_client(r1.url, TOKENS["team-a"]), new_client(r2.url, TOKENS["team-a"])
+        cb1, cb2 = new_client(r1.url, TOKENS["team-b"]), new_client(r2.url, TOKENS["team-b"])
+        try:
+            for c in (ca1, ca2, cb1, cb2):
+                await c.start()
+            # team-a: one live session through each replica, the second after the first is counted.
+            s_a1 = await ca1.create_session(session_id=a1, **pool.kwargs())
+            await asyncio.sleep(settle)
+            s_a2 = await ca2.create_session(session_id=a2, **pool.kwargs())
+            t = f"cap turn {NONCE}"
+            assert reply_text(await s_a2.send_and_wait(t, timeout=SEND_TIMEOUT_S)) == echo(t)
+            await asyncio.sleep(settle)
+            # At its cap fleet-wide, though each replica holds one: refused through either.
+            refused = {r.name: await raw_create(r, "team-a", sid) for r, sid in ((r1, a3), (r2, a4))}
+            for name, reply in refused.items():
+                assert error_code(reply) == SESSION_LIMIT, f"team-a's third session through {name}: {reply}"
+                assert (reply["error"].get("data") or {}).get("retryable") is True, reply
+            listed = {sid: await listed_everywhere(pool, sid) for sid in (a3, a4)}
+            assert not any(v for l in listed.values() for v in l.values()), f"a refused create reached a CLI: {listed}"
+
+            # cli-1 (max_sessions 1) holds b1, live through replica 1; replica 2 places b2, whose
+            # home is cli-1 too, elsewhere.
+            s_b1 = await cb1.create_session(session_id=b1, **pool.kwargs())
+            assert r1.placement(b1) == "cli-1", f"{b1} (home cli-1, empty) placed on {r1.placement(b1)}"
+            await asyncio.sleep(settle)
+            assert fleet_sessions(r2, "cli-1") == 1, r2.admin("/api/backends")
+            s_b2 = await cb2.create_session(session_id=b2, **pool.kwargs())
+            placed_b2 = r2.placement(b2)
+            assert placed_b2 and placed_b2 != "cli-1", f"{b2} placed on the full cli-1 through replica 2"
+            assert f.record(b2).get("b") == placed_b2, f.record(b2)
+            t = f"cap b2 turn {NONCE}"
+            assert reply_text(await s_b2.send_and_wait(t, timeout=SEND_TIMEOUT_S)) == echo(t)
+
+            # A slot freed through replica 2 is usable through replica 1 once counted.
+            await s_a2.disconnect()
+            await asyncio.sleep(settle)
+            s_a5 = await ca1.create_session(session_id=a5, **pool.kwargs())
+            t = f"cap after a slot freed {NONCE}"
+            assert reply_text(await s_a5.send_and_wait(t, timeout=SEND_TIMEOUT_S)) == echo(t)
+            for s in (s_a1, s_a5, s_b1, s_b2):
+                await s.disconnect()
+            return placed_b2
+        finally:
+            for c in (ca1, ca2, cb1, cb2):
+                await close_client(c, fast=True)
+
+    placed_b2 = run(go())
+    assert_only_cli(pool, b2, placed_b2)
+    print(f"[e2e] caps across replicas: team-a refused its third session through both replicas; "
+          f"{b2} (home cli-1, full) placed on {placed_b2}; slack waited out: {settle:.1f} s per step "
+          f"(sync_interval {SYNC_INTERVAL_MS} ms)")
