@@ -24,7 +24,8 @@ redis-server --version
 if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium
 fi
-/usr/bin/chromium --version
+# (Debian's wrapper script may print a harmless shell warning on stderr.)
+/usr/bin/chromium --version 2>/dev/null
 # playwright-core only (no browser download), exact version from the committed lock file.
 want="$(node -p 'require("./tests/browser/package.json").dependencies["playwright-core"]')"
 have="$(node -p 'try { require("./tests/browser/node_modules/playwright-core/package.json").version } catch { "" }')"

@@ -17,4 +17,4 @@ if [ -z "${FAKE_CLI_BIN:-}" ]; then
     cargo build -p copilot-lb-test-support --bin fake-cli
     export FAKE_CLI_BIN="$target_dir/debug/fake-cli"
 fi
-timeout 120 node --test --test-concurrency=1 tests/browser/status_page.test.mjs
+timeout --kill-after=10 120 node --test --test-concurrency=1 tests/browser/status_page.test.mjs

@@ -45,6 +45,13 @@ function killAll() {
   }
 }
 process.on("exit", killAll);
+// `timeout` (tests/browser/run.sh) or a Ctrl-C: no child outlives the test.
+for (const sig of ["SIGTERM", "SIGINT"]) {
+  process.on(sig, () => {
+    killAll();
+    process.exit(1);
+  });
+}
 
 function withTimeout(promise, ms, what) {
   let t;
@@ -329,7 +336,7 @@ test("status page: live backend states, sessions, drain with the admin token", {
     fakes[1].child.kill("SIGKILL");
     await waitState("cli-2", "down", DOWN_WITHIN_MS);
     const downAfter = Date.now() - killedAt;
-    console.log(`# cli-2 shown down ${downAfter} ms after SIGKILL`);
+    console.log(`cli-2 shown down ${downAfter} ms after SIGKILL`);
     assert.equal((await states())["cli-1"], "up");
     assert.match(await page.textContent('#backends tr[data-backend="cli-2"] .reason'), /refused|reset|closed/);
     // A request for a session on the dead backend: its failure shows in the history.
@@ -380,7 +387,7 @@ test("status page: live backend states, sessions, drain with the admin token", {
     await page.waitForTimeout(1200);
     fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
-    console.log(`# screenshot: ${SCREENSHOT}`);
+    console.log(`screenshot: ${SCREENSHOT}`);
 
     // Undrain: the token is known now, no second prompt.
     await button.click();
