@@ -89,7 +89,8 @@ impl Default for History {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch (0 before it, saturating far after).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -7,7 +7,7 @@
 //! the page asks for it.
 
 use crate::context::Shared;
-use crate::history::{self, History};
+use crate::history::{self, unix_ms, History};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -77,12 +77,6 @@ pub(super) async fn sample(shared: Arc<Shared>, recent: Arc<Recent>) {
         let totals = shared.metrics.totals();
         recent.history().sample(SystemTime::now(), totals);
     }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The document the page polls: everything it shows, in one request.
