@@ -14,13 +14,16 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "test dependencies (redis-server)"
+step "test dependencies (redis-server, chromium, playwright-core)"
 bash scripts/install-test-deps.sh
 # In-process test proxies each get an embedded registry file here (tests/common).
 rm -rf "${TMPDIR:-/tmp}/copilot-lb-test-state"
 
 step "cargo test (unit, property, integration)"
 cargo test --workspace --all-targets
+
+step "status page in a real browser (Debian's chromium driven by playwright-core)"
+bash tests/browser/run.sh
 
 step "end-to-end: real Copilot CLI + Python and Node SDKs through copilot-lb"
 cargo build --bin copilot-lb

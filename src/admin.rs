@@ -1,4 +1,7 @@
-//! Admin HTTP endpoint: liveness, readiness, Prometheus metrics, and the operator API.
+//! Admin HTTP endpoint: liveness, readiness, Prometheus metrics, the operator API, and the
+//! status page (`status.rs`).
+
+mod status;
 
 use crate::context::Shared;
 use bytes::Bytes;
@@ -18,6 +21,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     if let Ok(a) = listener.local_addr() {
         info!(listen = %a, "admin API listening");
     }
+    let recent = status::Recent::new(&shared);
+    tokio::spawn(status::sample(shared.clone(), recent.clone()));
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -27,17 +32,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             _ = shared.shutdown.cancelled() => return,
         };
         let shared = shared.clone();
+        let recent = recent.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
+                let recent = recent.clone();
                 async move {
+                    if let Err(resp) = same_origin(&req) {
+                        return Ok::<_, Infallible>(resp);
+                    }
                     if let Err(resp) = authorize(&shared, &req) {
                         return Ok::<_, Infallible>(resp);
                     }
                     let resp = match delete_target(&req) {
                         Some(Some(sid)) => delete(&shared, &sid).await,
                         Some(None) => bad_segment(),
-                        None => handle(&shared, req),
+                        None => handle(&shared, &recent, req),
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -61,6 +71,20 @@ fn json_resp(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> 
     text(status, format!("{v:#}\n"), "application/json")
 }
 
+/// One of the status page's embedded files, under its Content-Security-Policy.
+fn page(a: status::Asset) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", a.content_type)
+        .header("content-security-policy", status::CSP)
+        .header("x-content-type-options", "nosniff")
+        .header("x-frame-options", "DENY")
+        .header("referrer-policy", "no-referrer")
+        .header("cache-control", "no-cache")
+        .body(Full::new(Bytes::from_static(a.body.as_bytes())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
 fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
     let st = b.status();
     let history: Vec<_> = st
@@ -71,7 +95,8 @@ fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
                 c.at.duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
-            json!({"at_ms": at, "ok": c.ok, "detail": c.detail})
+            let latency_ms = c.latency.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0);
+            json!({"at_ms": at, "ok": c.ok, "latency_ms": latency_ms, "detail": c.detail})
         })
         .collect();
     json!({
@@ -103,6 +128,38 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<usize> {
             None
         }
     })
+}
+
+/// A browser sends `Origin` with every cross-origin POST or DELETE, and a page on another site
+/// must not drain a backend through the operator's browser (a plain POST needs no CORS
+/// preflight): a mutating request that names an origin other than the one it was sent to is
+/// refused. Tools such as curl send no `Origin` and are unaffected.
+#[allow(clippy::result_large_err)]
+fn same_origin(req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return Ok(());
+    }
+    let Some(origin) = req.headers().get(hyper::header::ORIGIN) else {
+        return Ok(());
+    };
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin = origin.to_str().ok();
+    let own = match (origin, host) {
+        (Some(o), Some(h)) => o.strip_prefix("http://") == Some(h),
+        _ => false,
+    };
+    if own {
+        Ok(())
+    } else {
+        warn!(path = %req.uri().path(), origin = ?origin, "admin request refused: cross-origin");
+        Err(json_resp(
+            StatusCode::FORBIDDEN,
+            json!({"error": "cross-origin admin requests are refused"}),
+        ))
+    }
 }
 
 /// Mutating routes need `Authorization: Bearer <token>` when `admin.token_env` is set.
@@ -178,8 +235,17 @@ async fn delete(shared: &Shared, sid: &str) -> Response<Full<Bytes>> {
     }
 }
 
-fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(
+    shared: &Shared,
+    recent: &status::Recent,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    if req.method() == Method::GET {
+        if let Some(a) = status::asset(&path) {
+            return page(a);
+        }
+    }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -236,6 +302,15 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             shared.render_metrics(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        (&Method::GET, ["api", "status"]) => {
+            let doc = status::document(shared, recent, std::time::SystemTime::now());
+            let mut r = json_resp(StatusCode::OK, doc);
+            r.headers_mut().insert(
+                hyper::header::CACHE_CONTROL,
+                hyper::header::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
         (&Method::GET, ["api", "registry"]) => {
             json_resp(StatusCode::OK, json!(shared.sessions.status()))
         }
@@ -306,7 +381,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => json_resp(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no route for {} {path}", req.method()),
-                   "routes": ["GET /livez", "GET /readyz", "GET /metrics", "GET /api/registry", "GET /api/backends",
+                   "routes": ["GET / (status page)", "GET /api/status", "GET /livez", "GET /readyz", "GET /metrics", "GET /api/registry", "GET /api/backends",
                               "POST /api/backends/{name}/drain", "POST /api/backends/{name}/undrain",
                               "GET /api/sessions?offset=&limit=", "DELETE /api/sessions/{id}", "POST /api/reload"]}),
         ),

@@ -37,6 +37,15 @@ pub enum Claim {
     Foreign,
 }
 
+/// Sessions of one (owner, backend) pair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Sessions this replica knows.
+    pub known: u64,
+    /// Of those, sessions with a client of this replica joined.
+    pub live: u64,
+}
+
 /// Session id → placement.
 #[derive(Debug, Default)]
 pub struct SessionTable {
@@ -230,6 +239,22 @@ impl SessionTable {
             .iter()
             .filter(|e| e.owner == owner && e.live_conns > 0)
             .count() as u64
+    }
+
+    /// Sessions known and live per (owner, backend), without copying the table: the status
+    /// page asks for this every second it is open.
+    pub fn tally(&self) -> std::collections::BTreeMap<(String, String), Tally> {
+        let mut out = std::collections::BTreeMap::<(String, String), Tally>::new();
+        for e in self.map.iter() {
+            let p = e.value();
+            let key = (p.owner.clone(), p.backend.clone());
+            let t = out.entry(key).or_default();
+            t.known += 1;
+            if p.live_conns > 0 {
+                t.live += 1;
+            }
+        }
+        out
     }
 
     /// A snapshot of every entry, for the admin API and listing.

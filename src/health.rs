@@ -13,11 +13,17 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-/// Records one observation and applies rise/fall; logs and counts a transition. Returns true
-/// if the state changed.
-pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool {
+/// Records one observation (with a successful probe's latency) and applies rise/fall; logs and
+/// counts a transition. Returns true if the state changed.
+pub fn record(
+    shared: &Shared,
+    b: &Arc<Backend>,
+    ok: bool,
+    latency: Option<Duration>,
+    detail: &str,
+) -> bool {
     let cfg = shared.config();
-    let Some(up) = b.observe(ok, detail, cfg.health.rise, cfg.health.fall) else {
+    let Some(up) = b.observe(ok, latency, detail, cfg.health.rise, cfg.health.fall) else {
         return false;
     };
     if up {
@@ -34,7 +40,7 @@ pub fn record(shared: &Shared, b: &Arc<Backend>, ok: bool, detail: &str) -> bool
 pub fn passive_failure(shared: &Shared, b: &Arc<Backend>, error: &CallError) {
     let kind = error.kind().as_str();
     shared.metrics.passive_failure(&b.name, kind);
-    record(shared, b, false, &format!("passive {kind}: {error}"));
+    record(shared, b, false, None, &format!("passive {kind}: {error}"));
     b.probe_soon();
 }
 
@@ -126,11 +132,18 @@ async fn prober(shared: Arc<Shared>, b: Arc<Backend>) {
                     &shared,
                     &b,
                     true,
+                    Some(d),
                     &format!("ok in {:.1} ms", d.as_secs_f64() * 1000.0),
                 );
             }
             Err(e) => {
-                record(&shared, &b, false, &format!("{}: {e}", e.kind().as_str()));
+                record(
+                    &shared,
+                    &b,
+                    false,
+                    None,
+                    &format!("{}: {e}", e.kind().as_str()),
+                );
             }
         }
         let phase = Phase::of(&b, cfg.health.fall);

@@ -15,6 +15,7 @@ pub mod context;
 pub mod envelope;
 mod fair;
 pub mod health;
+mod history;
 mod hygiene;
 mod metrics;
 mod policy;

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Request outcome labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +121,20 @@ pub struct Metrics {
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
     /// under a lock, on every frame.
     dirs: Vec<(&'static str, Counter, Counter)>,
+    /// Label-free totals of the counters the status page charts (history.rs samples them):
+    /// a family cannot be summed without encoding it, and these cost one relaxed add.
+    totals: Totals,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    requests: AtomicU64,
+    refused: AtomicU64,
+    backend_errors: AtomicU64,
+    failovers: AtomicU64,
+    failover_failures: AtomicU64,
+    health_failures: AtomicU64,
+    bad_frames: AtomicU64,
 }
 
 /// One backend's gauges, read from the pool when `/metrics` is scraped: the data path only
@@ -187,6 +202,7 @@ impl Metrics {
             hygiene_lease: Gauge::default(),
             registry: Registry::default(),
             dirs: Vec::new(),
+            totals: Totals::default(),
         };
         let mut m = m;
         m.dirs = DIRECTIONS
@@ -319,6 +335,27 @@ impl Metrics {
         self.requests
             .get_or_create(&ReqLabels { class, result })
             .inc();
+        bump(&self.totals.requests);
+        match result {
+            "proxy_error" => bump(&self.totals.refused),
+            "error" => bump(&self.totals.backend_errors),
+            _ => {}
+        }
+    }
+
+    /// The totals the status page's history samples.
+    pub(crate) fn totals(&self) -> crate::history::Counts {
+        let t = &self.totals;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::history::Counts {
+            requests: get(&t.requests),
+            refused: get(&t.refused),
+            backend_errors: get(&t.backend_errors),
+            failovers: get(&t.failovers),
+            failover_failures: get(&t.failover_failures),
+            health_failures: get(&t.health_failures),
+            bad_frames: get(&t.bad_frames),
+        }
     }
 
     /// Counts one frame.
@@ -346,16 +383,19 @@ impl Metrics {
         self.bad_frames
             .get_or_create(&ReasonLabels { reason })
             .inc();
+        bump(&self.totals.bad_frames);
     }
 
     /// Counts a session moved off `from` by failover.
     pub fn failover(&self, from: &str) {
         self.failovers.get_or_create(&backend(from)).inc();
+        bump(&self.totals.failovers);
     }
 
     /// Counts a session that could not fail over from `from`.
     pub fn failover_failed(&self, from: &str) {
         self.failover_failures.get_or_create(&backend(from)).inc();
+        bump(&self.totals.failover_failures);
     }
 
     /// Counts a failure seen on live traffic, by kind (refused, reset, timeout, …).
@@ -366,6 +406,7 @@ impl Metrics {
                 kind,
             })
             .inc();
+        bump(&self.totals.health_failures);
     }
 
     /// Records one active probe.
@@ -377,6 +418,7 @@ impl Metrics {
                 .observe(d.as_secs_f64()),
             Err(()) => {
                 self.probe_failures.get_or_create(&backend(b)).inc();
+                bump(&self.totals.health_failures);
             }
         }
     }
@@ -448,6 +490,10 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
 }
 
 fn backend(name: &str) -> BackendLabels {

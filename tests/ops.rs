@@ -66,6 +66,93 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> String {
     out
 }
 
+/// Like [`http`], with extra request header lines (`Name: value`).
+fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_is_served_with_its_policy_and_its_document() {
+    within(Duration::from_secs(30), async {
+        let f = fakes(2, false).await;
+        let mut cfg = config(&[f[0].addr(), f[1].addr()]);
+        std::env::set_var("OPS_TEST_PAGE_TOKEN", "page-tok");
+        cfg.admin.as_mut().unwrap().token_env = Some("OPS_TEST_PAGE_TOKEN".into());
+        let (running, addr) = proxy(cfg).await;
+        let admin = running.admin_addr.unwrap();
+        let page = http(admin, "GET", "/");
+        let head = page
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(head.contains("content-type: text/html"), "{head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{head}"
+        );
+        assert!(head.contains("x-frame-options: deny"), "{head}");
+        for asset in ["/status.js", "/status.css", "/favicon.svg"] {
+            let r = http(admin, "GET", asset);
+            assert!(r.starts_with("HTTP/1.1 200"), "{asset}: {r}");
+            assert!(
+                page.contains(&format!("\"{asset}\"")),
+                "the page links {asset}"
+            );
+        }
+        let mut c = Client::connected(addr).await;
+        for i in 0..3 {
+            c.ok("session.create", json!({"sessionId": format!("p{i}")}))
+                .await;
+        }
+        let doc = http(admin, "GET", "/api/status");
+        assert!(doc.starts_with("HTTP/1.1 200"), "{doc}");
+        assert!(
+            doc.to_ascii_lowercase().contains("cache-control: no-store"),
+            "{doc}"
+        );
+        let body = doc.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON document");
+        assert_eq!(v["sessions"]["live"], 3, "{v:#}");
+        assert_eq!(v["admin_token_required"], true);
+        assert_eq!(v["backends"].as_array().map(Vec::len), Some(2));
+        assert!(
+            v["history"]["window"]["requests"].as_u64() >= Some(4),
+            "{v:#}"
+        );
+        // Mutations: a foreign Origin is refused even with the token; the page's own passes.
+        let name = f[0].addr().to_string();
+        let drain = format!("/api/backends/{name}/drain");
+        let auth = "Authorization: Bearer page-tok";
+        let foreign = http_with(
+            admin,
+            "POST",
+            &drain,
+            &[auth, "Origin: http://evil.example"],
+        );
+        assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+        assert!(!running.shared.pool.get(&name).unwrap().draining());
+        let own = format!("Origin: http://{admin}");
+        let ok = http_with(admin, "POST", &drain, &[auth, &own]);
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(running.shared.pool.get(&name).unwrap().draining());
+        let no_token = http_with(admin, "POST", &drain, &[&own]);
+        assert!(no_token.starts_with("HTTP/1.1 401"), "{no_token}");
+    })
+    .await;
+}
+
 /// A copilot-lb process on `cfg` whose stderr (the log) is collected line by line.
 struct Logged {
     child: std::process::Child,
@@ -164,7 +251,7 @@ async fn secrets_never_reach_logs_metrics_or_admin_output() {
     .await;
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let mut outputs = vec![];
-    for p in ["/metrics", "/api/sessions", "/api/backends"] {
+    for p in ["/metrics", "/api/sessions", "/api/backends", "/api/status"] {
         outputs.push(http(admin, "GET", p));
     }
     assert!(

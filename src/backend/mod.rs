@@ -92,7 +92,9 @@ pub struct Check {
     pub at: SystemTime,
     /// Passed?
     pub ok: bool,
-    /// Probe latency or failure detail.
+    /// How long a successful active probe took (none for failures and passive signals).
+    pub latency: Option<std::time::Duration>,
+    /// Probe latency or failure reason (error text: addresses and codes, never a token).
     pub detail: String,
 }
 
@@ -264,14 +266,23 @@ impl Backend {
         State::from_u8(self.health.load(Ordering::Acquire)) != State::Down
     }
 
-    /// Records one health observation and applies rise/fall ([`observe_health`]). Returns the
-    /// new verdict when it changed; logging and metrics are the caller's (health's observers).
-    pub fn observe(&self, ok: bool, detail: &str, rise: u32, fall: u32) -> Option<bool> {
+    /// Records one health observation (`latency` of a successful probe) and applies rise/fall
+    /// ([`observe_health`]). Returns the new verdict when it changed; logging and metrics are
+    /// the caller's (health's observers).
+    pub fn observe(
+        &self,
+        ok: bool,
+        latency: Option<std::time::Duration>,
+        detail: &str,
+        rise: u32,
+        fall: u32,
+    ) -> Option<bool> {
         let change = {
             let mut c = self.checks();
             c.history.push_back(Check {
                 at: SystemTime::now(),
                 ok,
+                latency,
                 detail: detail.to_string(),
             });
             while c.history.len() > HISTORY {

@@ -457,6 +457,11 @@ impl Registry {
         c
     }
 
+    /// The cache counted per (owner, backend) (the status page).
+    pub fn tally(&self) -> std::collections::BTreeMap<(String, String), crate::affinity::Tally> {
+        self.table.tally()
+    }
+
     /// The cache, sorted by id (admin API, hygiene).
     pub fn snapshot(&self) -> Vec<(String, Placement)> {
         self.table.snapshot()
