@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
-# Installs what the Rust test suite needs beyond cargo: redis-server from Debian (the session
-# registry's Redis store is tested against a real one, started by the tests on loopback).
-# Root or sudo, non-interactive, idempotent; a system instance Debian may start is stopped.
+# Installs what the Rust test suite needs beyond cargo, from Debian: redis-server (the session
+# registry's Redis store is tested against a real one, started by the tests on loopback) and
+# promtool from the `prometheus` package (deploy/prometheus/ rules are checked and unit-tested
+# with it). Root or sudo, non-interactive, idempotent; system instances Debian may start are
+# stopped (the tests start their own redis; nothing needs a Prometheus server).
 set -euo pipefail
-if ! command -v redis-server >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || {
-        $SUDO apt-get update -q
-        $SUDO apt-get install -y -q redis-server
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+UPDATED=""
+# Waits (bounded) for another apt/dpkg run to finish instead of failing on its lock.
+APT=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
+# apt_install PACKAGE: tries the cached lists first, runs `apt-get update` once if that fails.
+apt_install() {
+    $SUDO "${APT[@]}" install --no-install-recommends "$1" >/dev/null 2>&1 || {
+        [ -n "$UPDATED" ] || { $SUDO "${APT[@]}" update; UPDATED=1; }
+        $SUDO "${APT[@]}" install --no-install-recommends "$1"
     }
-    if command -v service >/dev/null 2>&1; then $SUDO service redis-server stop >/dev/null 2>&1 || true; fi
+}
+stop_service() {
+    if command -v service >/dev/null 2>&1; then $SUDO service "$1" stop >/dev/null 2>&1 || true; fi
+}
+if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+    stop_service redis-server
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+    apt_install prometheus
+    stop_service prometheus
 fi
 redis-server --version
+promtool --version 2>&1 | head -1

@@ -24,5 +24,6 @@ mod route;
 pub mod rpc;
 pub mod runtime;
 mod sidecar;
+pub mod status_cli;
 mod tls;
 pub mod wire;

@@ -488,6 +488,10 @@ pub struct AdminConfig {
     /// (drain, undrain, reload, delete). Reads (health, metrics, lists) stay open for probes.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// The read-only `/api/*` lists (backends, sessions with their owners, registry) need the
+    /// token too; `/livez`, `/readyz` and `/metrics` stay open for probes and Prometheus.
+    #[serde(default)]
+    pub protect_reads: bool,
 }
 
 /// One Copilot CLI backend.
