@@ -463,6 +463,12 @@ impl Metrics {
     }
 }
 
+fn backend(name: &str) -> BackendLabels {
+    BackendLabels {
+        backend: name.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,11 +498,5 @@ mod tests {
         m.failover_failed("cli-1");
         let out = m.render([gauges("cli-1")], RegistryGauges::default());
         assert!(out.contains("copilot_lb_failover_failures_total{backend=\"cli-1\"} 1"));
-    }
-}
-
-fn backend(name: &str) -> BackendLabels {
-    BackendLabels {
-        backend: name.to_string(),
     }
 }

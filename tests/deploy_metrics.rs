@@ -319,7 +319,7 @@ async fn dashboard_and_rules_name_only_exported_metrics_and_the_dashboard_shows_
         // The whole rules file: expressions and the metrics its annotations point to.
         check(
             "deploy/prometheus/copilot-lb.rules.yaml",
-            &[rules.clone()],
+            std::slice::from_ref(&rules),
             &e,
             true,
             &mut problems,
