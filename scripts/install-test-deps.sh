@@ -10,11 +10,12 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 UPDATED=""
 # Waits (bounded) for another apt/dpkg run to finish instead of failing on its lock.
 APT=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
-# apt_install PACKAGE: tries the cached lists first, runs `apt-get update` once if that fails.
+# apt_install PACKAGE [FLAGS]: tries the cached lists first, runs `apt-get update` once if that
+# fails.
 apt_install() {
-    $SUDO "${APT[@]}" install --no-install-recommends "$1" >/dev/null 2>&1 || {
+    $SUDO "${APT[@]}" install "$@" >/dev/null 2>&1 || {
         [ -n "$UPDATED" ] || { $SUDO "${APT[@]}" update; UPDATED=1; }
-        $SUDO "${APT[@]}" install --no-install-recommends "$1"
+        $SUDO "${APT[@]}" install "$@"
     }
 }
 stop_service() {
@@ -25,7 +26,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
     stop_service redis-server
 fi
 if ! command -v promtool >/dev/null 2>&1; then
-    apt_install prometheus
+    # Without recommends: prometheus-node-exporter would be one more daemon on the machine.
+    apt_install prometheus --no-install-recommends
     stop_service prometheus
 fi
 redis-server --version

@@ -156,10 +156,8 @@ pub enum StatusError {
         /// The start of the body, control characters escaped.
         body: String,
     },
-    /// A reply that is not the JSON the admin API sends.
-    #[error(
-        "the admin API at {addr} answered GET {path} with a body that is not its JSON: {reason}"
-    )]
+    /// A reply that is not the admin API's: not HTTP, not its JSON, too large.
+    #[error("the admin API at {addr} answered GET {path} unexpectedly: {reason}")]
     Reply {
         /// Where.
         addr: String,
@@ -290,6 +288,16 @@ async fn get_body(t: &target::Target, path: &str) -> Result<bytes::Bytes, Status
                 addr: t.addr.clone(),
                 source,
             },
+            // Something answered, but not in HTTP: the address is another service's (often
+            // the client listener instead of the admin one).
+            http::HttpError::Hyper(source) if source.is_parse() => reply_error(
+                t,
+                path,
+                &format!(
+                    "not an HTTP reply ({source}); is {} the admin listener?",
+                    t.addr
+                ),
+            ),
             http::HttpError::Hyper(source) => StatusError::Http {
                 addr: t.addr.clone(),
                 source,
