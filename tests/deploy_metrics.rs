@@ -414,3 +414,63 @@ fn the_checker_catches_unknown_names_labels_and_values() {
         assert_eq!(p.len(), 1, "{bad}: {p:?}");
     }
 }
+
+#[test]
+fn the_dashboard_is_well_formed_for_grafana() {
+    let dash: Value = serde_json::from_str(&read("deploy/grafana/copilot-lb.json")).unwrap();
+    let vars: BTreeSet<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, BTreeSet::from(["datasource", "instance", "job"]));
+    let panels = dash["panels"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?");
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate id: {title}"
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at {cx},{cy}"
+                );
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().unwrap()),
+                "{title}: duplicate refId"
+            );
+            let e = t["expr"].as_str().unwrap();
+            // Every query follows the job and replica pickers.
+            for u in uses(e).0 {
+                let keys: Vec<&str> = u.matchers.iter().map(|m| m.0.as_str()).collect();
+                assert!(
+                    keys.contains(&"job") && keys.contains(&"instance"),
+                    "{title}: {e}"
+                );
+            }
+        }
+    }
+}
