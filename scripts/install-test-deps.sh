@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond cargo: redis-server from Debian (the session
+# Installs what the test suite needs beyond cargo, from Debian: redis-server (the session
 # registry's Redis store is tested against a real one, started by the tests on loopback),
-# Debian's chromium and the pinned playwright-core from npm (the status page's browser test,
-# tests/browser/). Root or sudo, non-interactive, idempotent; a system instance Debian may start
-# is stopped.
+# promtool from the `prometheus` package (deploy/prometheus/ rules are checked and unit-tested
+# with it) and chromium, plus the pinned playwright-core from npm (the status page's browser
+# test, tests/browser/). Root or sudo, non-interactive, idempotent; system instances Debian may
+# start are stopped (the tests start their own redis; nothing needs a Prometheus server).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# One `apt-get update` at most, and only when an install from the current lists fails.
+UPDATED=""
+# Waits (bounded) for another apt/dpkg run to finish instead of failing on its lock.
+APT=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
+# apt_install PACKAGE [FLAGS]: tries the cached lists first, runs `apt-get update` once if that
+# fails.
 apt_install() {
-    $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 || {
-        $SUDO apt-get update -q
-        $SUDO apt-get install -y -q "$@"
+    $SUDO "${APT[@]}" install "$@" >/dev/null 2>&1 || {
+        [ -n "$UPDATED" ] || { $SUDO "${APT[@]}" update; UPDATED=1; }
+        $SUDO "${APT[@]}" install "$@"
     }
+}
+stop_service() {
+    if command -v service >/dev/null 2>&1; then $SUDO service "$1" stop >/dev/null 2>&1 || true; fi
 }
 if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
-    if command -v service >/dev/null 2>&1; then $SUDO service redis-server stop >/dev/null 2>&1 || true; fi
+    stop_service redis-server
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+    # Without recommends: prometheus-node-exporter would be one more daemon on the machine.
+    apt_install prometheus --no-install-recommends
+    stop_service prometheus
 fi
 redis-server --version
+promtool --version 2>&1 | head -1
 # The browser test drives Debian's build (playwright cannot download its own browsers here).
 if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium

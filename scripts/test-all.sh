@@ -14,8 +14,11 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "test dependencies (redis-server, chromium, playwright-core)"
+step "test dependencies (redis-server, promtool, chromium, playwright-core)"
 bash scripts/install-test-deps.sh
+
+step "deploy/: Prometheus rules and Grafana dashboard (promtool check + test rules)"
+bash scripts/check-deploy.sh
 # In-process test proxies each get an embedded registry file here (tests/common).
 rm -rf "${TMPDIR:-/tmp}/copilot-lb-test-state"
 

@@ -162,18 +162,20 @@ fn same_origin(req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
     }
 }
 
-/// Mutating routes need `Authorization: Bearer <token>` when `admin.token_env` is set.
+/// Mutating routes need `Authorization: Bearer <token>` when `admin.token_env` is set, and so
+/// do the `/api/*` reads with `admin.protect_reads`; probes and metrics never do.
 #[allow(clippy::result_large_err)]
 fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
-    if req.method() == Method::GET {
+    let cfg = shared.config();
+    let Some(admin) = cfg.admin.as_ref() else {
+        return Ok(());
+    };
+    if req.method() == Method::GET
+        && !(admin.protect_reads && req.uri().path().starts_with("/api/"))
+    {
         return Ok(());
     }
-    let Some(var) = shared
-        .config()
-        .admin
-        .as_ref()
-        .and_then(|a| a.token_env.clone())
-    else {
+    let Some(var) = admin.token_env.clone() else {
         return Ok(());
     };
     let want = std::env::var(&var).unwrap_or_default();

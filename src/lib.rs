@@ -25,5 +25,6 @@ mod route;
 pub mod rpc;
 pub mod runtime;
 mod sidecar;
+pub mod status_cli;
 mod tls;
 pub mod wire;

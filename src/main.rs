@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use copilot_lb::config::{self, Config, Overrides};
+use copilot_lb::status_cli::{self, View};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,22 @@ enum Cmd {
         #[arg(long)]
         markdown: bool,
     },
+    /// Show the backends (state, health, sessions, links, drain) and the session registry.
+    Status {
+        #[command(flatten)]
+        admin: status_cli::AdminArgs,
+    },
+    /// List the sessions the proxy knows (tenant, backend, age, idle), one page at a time.
+    Sessions {
+        #[command(flatten)]
+        admin: status_cli::AdminArgs,
+        /// First session to show (sessions are in id order).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Sessions per page (at most 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Print the hash of a client token, for tenants[].token_hashes (reads stdin if no arg).
     HashToken {
         /// The token (prefer stdin so it stays out of shell history).
@@ -71,9 +88,34 @@ fn load(path: &Path) -> Result<Config> {
     Ok(Config::load(path)?)
 }
 
+/// Prints to stdout; a reader that stops early (`| head`) is not an error.
+fn print(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `status` and `sessions`: their errors carry their own exit codes (see `status_cli`).
+fn admin_view(view: View, args: &status_cli::AdminArgs) -> Result<()> {
+    match status_cli::run(view, args) {
+        Ok(text) => print(&text),
+        Err(e) => {
+            eprintln!("copilot-lb: {e}");
+            std::process::exit(i32::from(e.exit_code()));
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Status { admin } => admin_view(View::Status, &admin),
+        Cmd::Sessions {
+            admin,
+            offset,
+            limit,
+        } => admin_view(View::Sessions { offset, limit }, &admin),
         Cmd::Serve {
             config: path,
             listen,
@@ -173,10 +215,7 @@ fn main() -> Result<()> {
                 serde_json::to_string_pretty(&table)? + "\n"
             };
             // Piped into `head` or `grep -q`: a reader that stops early is not an error.
-            match std::io::stdout().lock().write_all(text.as_bytes()) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-                _ => Ok(()),
-            }
+            print(&text)
         }
         Cmd::HashToken { token } => {
             let token = match token {

@@ -76,6 +76,8 @@ pub struct Metrics {
     connections_total: Counter,
     /// Client connections open now.
     connections_active: Gauge,
+    /// The listeners' cap on concurrent client connections (`limits.max_connections`).
+    connections_max: Gauge,
     /// Client requests by class and result.
     requests: Family<ReqLabels, Counter>,
     /// Request latency by class (seconds, client request in to reply out).
@@ -179,6 +181,7 @@ impl Metrics {
         let m = Metrics {
             connections_total: Counter::default(),
             connections_active: Gauge::default(),
+            connections_max: Gauge::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             frame_bytes: Family::default(),
@@ -216,6 +219,11 @@ impl Metrics {
                 )
             })
             .collect();
+        // Born at 0 for the same reason as the failover counters (see `render`): the TLS
+        // alert looks at its increase.
+        let _ = m.bad_frames.get_or_create(&ReasonLabels {
+            reason: "tls_handshake",
+        });
         registry.register(
             "connections",
             "Client connections accepted",
@@ -225,6 +233,11 @@ impl Metrics {
             "connections_active",
             "Client connections open now",
             m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_max",
+            "Cap on concurrent client connections per listener (limits.max_connections)",
+            m.connections_max.clone(),
         );
         registry.register(
             "requests",
@@ -459,6 +472,13 @@ impl Metrics {
         self.connections_active.inc();
     }
 
+    /// Records the listeners' connection cap, so alerts can compare `connections_active`
+    /// with it instead of repeating the config.
+    pub fn set_connections_max(&self, max: usize) {
+        self.connections_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
     /// Counts a client connection closed.
     pub fn connection_closed(&self) {
         self.connections_active.dec();
@@ -482,6 +502,10 @@ impl Metrics {
         self.backend_links.clear();
         for g in backends {
             let l = backend(&g.backend);
+            // Alerts use increase() on these: a series born at its first failure (already 1, or
+            // 5 when five sessions are lost at once) never "increases", so they start at 0.
+            let _ = self.failovers.get_or_create(&l);
+            let _ = self.failover_failures.get_or_create(&l);
             self.sessions.get_or_create(&l).set(g.sessions as i64);
             self.backend_state.get_or_create(&l).set(g.state);
             self.backend_links.get_or_create(&l).set(g.links as i64);
@@ -499,5 +523,37 @@ fn bump(a: &AtomicU64) {
 fn backend(name: &str) -> BackendLabels {
     BackendLabels {
         backend: name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauges(name: &str) -> BackendGauges {
+        BackendGauges {
+            backend: name.into(),
+            sessions: 0,
+            state: 0,
+            links: 0,
+        }
+    }
+
+    #[test]
+    fn alerting_counters_exist_at_zero_before_their_first_event() {
+        let m = Metrics::new();
+        m.set_connections_max(10_000);
+        let out = m.render([gauges("cli-1")], RegistryGauges::default());
+        for line in [
+            "copilot_lb_failovers_total{backend=\"cli-1\"} 0",
+            "copilot_lb_failover_failures_total{backend=\"cli-1\"} 0",
+            "copilot_lb_bad_frames_total{reason=\"tls_handshake\"} 0",
+            "copilot_lb_connections_max 10000",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in\n{out}");
+        }
+        m.failover_failed("cli-1");
+        let out = m.render([gauges("cli-1")], RegistryGauges::default());
+        assert!(out.contains("copilot_lb_failover_failures_total{backend=\"cli-1\"} 1"));
     }
 }

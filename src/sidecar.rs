@@ -37,7 +37,9 @@ impl Sidecar {
     /// Accepts and forwards until shutdown.
     pub(crate) async fn serve(self, shared: Arc<Shared>, listener: TcpListener) {
         let me = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(shared.config().limits.max_connections));
+        let max = shared.config().limits.max_connections;
+        shared.metrics.set_connections_max(max);
+        let slots = Arc::new(Semaphore::new(max));
         if let Ok(a) = listener.local_addr() {
             info!(listen = %a, upstream = %me.upstream, tls = me.tls.is_some(), "listening (tcp sidecar)");
         }

@@ -60,10 +60,11 @@ impl Config {
                 .collect();
         }
         if let Some(a) = &o.admin {
-            let token_env = self.admin.take().and_then(|a| a.token_env);
+            let old = self.admin.take();
             self.admin = Some(AdminConfig {
                 listen: spanned(a.clone()),
-                token_env,
+                token_env: old.as_ref().and_then(|a| a.token_env.clone()),
+                protect_reads: old.is_some_and(|a| a.protect_reads),
             });
         }
         if let Some(p) = &o.state_path {
@@ -195,6 +196,13 @@ impl Config {
         if let Some(a) = &self.admin {
             if let Err(e) = check_addr(&a.listen.value) {
                 problems.push(format!("{}: admin.listen {e}", at(&a.listen)));
+            }
+            // Deny by default: protected reads with no token would be open reads.
+            if a.protect_reads && a.token_env.is_none() {
+                problems.push(format!(
+                    "{}: admin.protect_reads needs admin.token_env (the token it requires)",
+                    at(&a.listen)
+                ));
             }
         }
         let mut names = HashSet::new();

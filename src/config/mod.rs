@@ -518,6 +518,10 @@ pub struct AdminConfig {
     /// (drain, undrain, reload, delete). Reads (health, metrics, lists) stay open for probes.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// The read-only `/api/*` lists (backends, sessions with their owners, registry) need the
+    /// token too; `/livez`, `/readyz` and `/metrics` stay open for probes and Prometheus.
+    #[serde(default)]
+    pub protect_reads: bool,
 }
 
 /// One Copilot CLI backend.
@@ -820,6 +824,31 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn protected_reads_need_a_token_and_survive_the_admin_flag() {
+        let e = Config::from_yaml(
+            "admin: {listen: 127.0.0.1:9464, protect_reads: true}\n",
+            "t.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("admin.protect_reads needs admin.token_env") && e.contains("line 1"),
+            "{e}"
+        );
+        let c = Config::from_yaml(
+            "admin: {listen: 127.0.0.1:9464, token_env: T, protect_reads: true}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let o = Overrides {
+            admin: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        };
+        let a = c.apply(&o, "t.yaml").unwrap().admin.unwrap();
+        assert!(a.protect_reads && a.token_env.as_deref() == Some("T"));
+    }
 
     #[test]
     fn huge_durations_are_refused_with_their_place() {

@@ -79,6 +79,7 @@ pub(crate) async fn serve(
     tls: Option<Arc<ServerTlsStore>>,
 ) {
     let max = shared.config().limits.max_connections;
+    shared.metrics.set_connections_max(max);
     let slots = Arc::new(Semaphore::new(max));
     let local = listener
         .local_addr()

@@ -121,7 +121,9 @@ def test_kill9_mid_conversation_fails_over_with_history(shared_ha):
                 ev = await sessions[sid].send_and_wait(p, timeout=SEND_TIMEOUT_S)
                 assert reply_text(ev) == echo(p)
             metrics = urllib.request.urlopen(c.proxy.admin_url + "/metrics", timeout=10).read().decode()
-            assert "copilot_lb_failovers_total" in metrics
+            # The series exists at 0 from the first scrape (for alerts): a failover made it count.
+            assert any(l.startswith("copilot_lb_failovers_total{") and float(l.rsplit(" ", 1)[1]) > 0
+                       for l in metrics.splitlines()), metrics
             print(f"failover: kill -9 -> next successful send_and_wait took {took * 1000:.0f} ms")
             return took
 
