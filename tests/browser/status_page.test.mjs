@@ -9,8 +9,9 @@
 // reload; that Drain asks for the admin token when the API answers 401, refuses a wrong one,
 // drains with the right one and keeps the token in this tab only; that Undrain then works
 // without asking again; that the page breaks no rule of its Content-Security-Policy; and that a
-// cross-origin POST is refused. It saves a screenshot to docs/status-page.png (or
-// $STATUS_PAGE_SCREENSHOT). Every wait is bounded; the whole test has a 60 s limit.
+// cross-origin POST is refused. It saves a screenshot to $STATUS_PAGE_SCREENSHOT, or to the
+// system temp dir (the suite must not rewrite a tracked file; refresh docs/status-page.png with
+// STATUS_PAGE_SCREENSHOT=docs/status-page.png bash tests/browser/run.sh). Every wait is bounded; the whole test has a 60 s limit.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -28,7 +29,7 @@ const REPO = path.resolve(HERE, "../..");
 const LB_BIN = process.env.COPILOT_LB_BIN;
 const FAKE_BIN = process.env.FAKE_CLI_BIN;
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
-const SCREENSHOT = process.env.STATUS_PAGE_SCREENSHOT || path.join(REPO, "docs/status-page.png");
+const SCREENSHOT = process.env.STATUS_PAGE_SCREENSHOT || path.join(os.tmpdir(), "copilot-lb-status-page.png");
 const ADMIN_TOKEN = "page-test-admin-token";
 const CLI_TOKEN = "page-test-cli-token";
 const TENANTS = { "team-a": "team-a-token", "team-b": "team-b-token" };
