@@ -108,6 +108,12 @@ impl Client {
             .await
             .expect("connect timed out")
             .expect("connect");
+        Client::from_stream(s)
+    }
+
+    /// A client on a stream the caller connected (to observe how the connect itself went).
+    #[allow(dead_code)]
+    pub fn from_stream(s: TcpStream) -> Client {
         s.set_nodelay(true).unwrap();
         let (r, w) = s.into_split();
         Client {
