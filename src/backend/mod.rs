@@ -317,6 +317,9 @@ impl Backend {
     /// carry the replies to what was sent before, and the edge closes them once idle. Health
     /// checks bring it back up when a new process answers. True if it was not down already.
     pub fn leaving(&self) -> bool {
+        // Successes counted before it said so must not bring it back: only a new process
+        // answering `rise` probes in a row does.
+        self.checks().streak = Streak::default();
         let old = self.health.swap(State::Down as u8, Ordering::AcqRel);
         if old != State::Down as u8 {
             self.state_changed.notify_waiters();
