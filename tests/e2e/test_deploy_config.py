@@ -92,17 +92,81 @@ def test_config_passes_check_config(path):
     assert ": ok (" in p.stdout, p.stdout
 
 
-def test_sidecar_config_is_loopback_tcp_with_mtls():
-    cfg = load_yaml(REPO / "config" / "sidecar.yaml")
-    (lst,) = cfg["listeners"]
-    assert lst["mode"] == "tcp" and host_of(lst["listen"]) in ("127.0.0.1", "::1", "localhost")
-    assert not lst.get("allow_non_loopback", False)
-    tls = lst["upstream"]["tls"]
-    assert tls["cert"] and tls["key"] and tls["ca"], "sidecar -> edge must be mutual TLS"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def is_sidecar(cfg: dict) -> bool:
+    """A sidecar config: a tcp byte pipe, or a jsonrpc proxy whose backends are all edges."""
+    bs = cfg.get("backends") or []
+    return all(l.get("mode") == "tcp" for l in cfg["listeners"]) or (bs and all(b.get("edge") for b in bs))
+
+
+def edge_requires_client_certs():
     edge = load_yaml(REPO / "config" / "edge.yaml")
     etls = edge["listeners"][0]["tls"]
     assert etls["client_auth"] == "required" and etls["client_ca"]
     assert all(t.get("identities") for t in edge.get("tenants", [])), "edge tenants identify by client cert"
+
+
+def test_sidecar_config_is_loopback_jsonrpc_with_mtls_edge_backends():
+    cfg = load_yaml(REPO / "config" / "sidecar.yaml")
+    (lst,) = cfg["listeners"]
+    assert lst.get("mode", "jsonrpc") == "jsonrpc", "the shipped sidecar is the session-aware one"
+    assert host_of(lst["listen"]) in LOOPBACK and not lst.get("allow_non_loopback", False)
+    assert "upstream" not in lst and "tls" not in lst
+    assert len(cfg["backends"]) >= 2, "a sidecar needs another edge to move its sessions to"
+    for b in cfg["backends"]:
+        assert b.get("edge") is True, f"backend {b['name']}: not an edge"
+        tls = b.get("tls") or {}
+        assert tls.get("cert") and tls.get("key") and tls.get("ca"), f"{b['name']}: sidecar -> edge must be mutual TLS"
+        assert b.get("token_env"), f"{b['name']}: no tenant token"
+    assert cfg["sessions"]["shared_storage"] is True and cfg["sessions"]["failover"] == "reassign"
+    assert cfg["state"]["kind"] == "memory", "a sidecar keeps its app's sessions in memory only"
+    assert host_of(cfg["admin"]["listen"]) in LOOPBACK
+    edge_requires_client_certs()
+
+
+def test_tcp_sidecar_config_is_loopback_byte_pipe_with_mtls():
+    path = REPO / "config" / "sidecar-tcp.yaml"
+    p = check_config(path)
+    assert p.returncode == 0 and ": ok (1 listener(s), 0 backend(s))" in p.stdout, f"{p.stdout}{p.stderr}"
+    cfg = load_yaml(path)
+    (lst,) = cfg["listeners"]
+    assert lst["mode"] == "tcp" and host_of(lst["listen"]) in LOOPBACK
+    assert not lst.get("allow_non_loopback", False)
+    tls = lst["upstream"]["tls"]
+    assert tls["cert"] and tls["key"] and tls["ca"], "sidecar -> edge must be mutual TLS"
+    assert not cfg.get("backends")
+    # the same app-side contract as the session-aware sidecar: either can replace the other
+    side = load_yaml(REPO / "config" / "sidecar.yaml")
+    assert lst["listen"] == side["listeners"][0]["listen"] and cfg["admin"] == side["admin"]
+    assert {tls["ca"], tls["cert"], tls["key"]} == {side["backends"][0]["tls"][k] for k in ("ca", "cert", "key")}
+    edge_requires_client_certs()
+
+
+def tenant_accepts(t: dict, token: bool) -> bool:
+    """src/auth.rs: a tenant with identities and no token hashes takes a certificate alone, and
+    a connect that also carries a token matches only a tenant that lists the token's hash."""
+    return bool(t.get("token_hashes")) if token else not t.get("token_hashes")
+
+
+class RefusedCredentials(AssertionError):
+    """The edge would answer the sidecar's connect with AUTHENTICATION_FAILED."""
+
+
+def test_edge_accepts_the_sidecars_credentials():
+    side = load_yaml(REPO / "config" / "sidecar.yaml")
+    edge = load_yaml(REPO / "config" / "edge.yaml")
+    # the identity is the client certificate's URI SAN, named beside its path in the sidecar config
+    m = re.search(r"URI SAN (spiffe://[\w/.-]*\w)", (REPO / "config" / "sidecar.yaml").read_text())
+    identity = m.group(1)
+    tenants = [t for t in edge["tenants"] if any(re.fullmatch(re.escape(i).replace(r"\*", ".*"), identity)
+                                                 for i in t.get("identities", []))]
+    assert tenants, f"no edge tenant matches the sidecar's identity {identity}"
+    for b in side["backends"]:
+        if not any(tenant_accepts(t, bool(b.get("token_env"))) for t in tenants):
+            raise RefusedCredentials(f"backend {b['name']}: edge tenants {[t['name'] for t in tenants]} "
+                                     f"refuse its credentials (token: {bool(b.get('token_env'))})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,17 +369,48 @@ def copilot_lb_containers(docs):
     return out
 
 
-def test_k8s_edge_deployment(docs):
-    deps = by_kind(docs, "Deployment")
-    edge = deps["copilot-lb-edge"]
+def edge_workload(docs) -> dict:
+    return by_kind(docs, "StatefulSet")["copilot-lb-edge"]
+
+
+def test_k8s_edge_statefulset(docs):
+    assert "copilot-lb-edge" not in by_kind(docs, "Deployment"), "the edge is a StatefulSet now"
+    edge = edge_workload(docs)
     assert edge["spec"]["replicas"] >= 2
     labels = edge["spec"]["template"]["metadata"]["labels"]
+    assert edge["spec"]["selector"]["matchLabels"].items() <= labels.items()
     pdbs = [p for p in by_kind(docs, "PodDisruptionBudget").values()
             if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
     assert pdbs, "no PodDisruptionBudget selects the edge pods"
     assert all("minAvailable" in p["spec"] or "maxUnavailable" in p["spec"] for p in pdbs)
-    svc = by_kind(docs, "Service")["copilot-lb-edge"]
+    assert all(p["spec"].get("minAvailable", 0) < edge["spec"]["replicas"] for p in pdbs), "PDB blocks every eviction"
+    svcs = by_kind(docs, "Service")
+    # direct clients: the ClusterIP Service
+    svc = svcs["copilot-lb-edge"]
     assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"].get("clusterIP") != "None"
+    # sidecars: per-pod DNS names, only for Ready pods
+    headless = svcs[edge["spec"]["serviceName"]]
+    assert headless["metadata"]["name"] == "copilot-lb-edge-pods"
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"].get("publishNotReadyAddresses") is False
+    assert headless["spec"]["selector"].items() <= labels.items()
+    # one pod at a time, each confirmed by the sidecars' health checks before the next goes
+    assert edge["spec"].get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    side = load_yaml(REPO / "config" / "sidecar.yaml")
+    h = side["health"]
+    confirm = h["rise"] * int(h["interval"].rstrip("s")) + int(h["timeout"].rstrip("s"))
+    assert edge["spec"].get("minReadySeconds", 0) >= confirm, "next edge stops before sidecars confirm the new one"
+    # drain: preStop pause + shutdown_timeout fit in the grace period; readiness turns 503 on SIGTERM
+    spec = pod_spec(edge)
+    (c,) = spec["containers"]
+    cfg = load_yaml(REPO / "config" / "edge.yaml")
+    pause = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > int(cfg["limits"]["shutdown_timeout"].rstrip("s")) + pause
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not edge["spec"].get("volumeClaimTemplates"), "the edge keeps no local state"
 
 
 def test_k8s_ports_probes_env_and_mounts(docs):
@@ -332,8 +427,8 @@ def test_k8s_ports_probes_env_and_mounts(docs):
             assert args[args.index("--config") + 1] == CONTAINER_CONFIG, f"{where}: args {args}"
         # listeners reachable from outside the pod are declared container ports; sidecars stay loopback
         for lst in cfg["listeners"]:
-            if host_of(lst["listen"]) in ("127.0.0.1", "::1", "localhost"):
-                assert lst.get("mode") == "tcp", f"{where}: loopback jsonrpc listener is unreachable"
+            if host_of(lst["listen"]) in LOOPBACK:
+                assert is_sidecar(cfg), f"{where}: a loopback listener that is not a sidecar is unreachable"
             else:
                 assert port_of(lst["listen"]) in ports.values(), f"{where}: listener port not declared"
         # probes: liveness and readiness (or startup) on real admin paths of THIS config's admin address
@@ -369,6 +464,9 @@ def test_k8s_ports_probes_env_and_mounts(docs):
             tls_files += [t.get("cert"), t.get("key"), t.get("client_ca")]
             u = (lst.get("upstream") or {}).get("tls") or {}
             tls_files += [u.get("ca"), u.get("cert"), u.get("key")]
+        for b in cfg.get("backends", []):
+            t = b.get("tls") or {}
+            tls_files += [t.get("ca"), t.get("cert"), t.get("key")]
         for f in filter(None, tls_files):
             f = PurePosixPath(f)
             vol = mounts.get(str(f.parent))
@@ -395,7 +493,7 @@ def test_k8s_backends_and_sidecar_upstream(docs):
     token_file = PurePosixPath(env["COPILOT_CONNECTION_TOKEN_FILE"]["value"])
     vols = {v["name"]: v for v in pod_spec(sts)["volumes"]}
     m = next(m for m in cli["volumeMounts"] if m["mountPath"] == str(token_file.parent))
-    edge_c = pod_spec(by_kind(docs, "Deployment")["copilot-lb-edge"])["containers"][0]
+    edge_c = pod_spec(edge_workload(docs))["containers"][0]
     edge_ref = next(e for e in edge_c["env"] if e["name"] == edge["backends"][0]["token_env"])
     assert vols[m["name"]]["secret"]["secretName"] == edge_ref["valueFrom"]["secretKeyRef"]["name"]
     assert token_file.name == edge_ref["valueFrom"]["secretKeyRef"]["key"]
@@ -405,20 +503,86 @@ def test_k8s_backends_and_sidecar_upstream(docs):
     claim = vols[ss["name"]]["persistentVolumeClaim"]["claimName"]
     assert "ReadWriteMany" in pvcs[claim]["spec"]["accessModes"]
     assert edge["sessions"]["shared_storage"] is True
-    # the sidecar dials the edge Service on its port, and the app dials the sidecar
-    side = cms["example-app-sidecar-config"]["listeners"][0]
-    up = side["upstream"]["address"]
-    esvc = svcs[host_of(up)]
-    assert port_of(up) in {p["port"] for p in esvc["spec"]["ports"]}
-    assert side["upstream"]["tls"]["server_name"] == esvc["metadata"]["name"]
+    # the edge pods' client port is the edge's listener port, on both its Services
+    ests = edge_workload(docs)
     edge_listen = port_of(edge["listeners"][0]["listen"])
-    assert {p["targetPort"] for p in esvc["spec"]["ports"]} <= {"client", edge_listen}
+    (edge_c,) = pod_spec(ests)["containers"]
+    assert {p["name"]: p["containerPort"] for p in edge_c["ports"]}["client"] == edge_listen
+    for name in ("copilot-lb-edge", ests["spec"]["serviceName"]):
+        assert {p["targetPort"] for p in svcs[name]["spec"]["ports"]} <= {"client", edge_listen}, name
+    # the session-aware sidecar lists every edge pod by its stable DNS name, on the edge's port
+    side_cfg = cms["example-app-sidecar-config"]
+    side = side_cfg["listeners"][0]
+    headless_e = svcs[ests["spec"]["serviceName"]]
+    pods = {f"{ests['metadata']['name']}-{i}.{headless_e['metadata']['name']}" for i in range(ests["spec"]["replicas"])}
+    got = [host_of(b["address"]) for b in side_cfg["backends"]]
+    assert sorted(got) == sorted(pods), f"sidecar backends {got} vs edge StatefulSet pods {pods}"
+    assert all(port_of(b["address"]) == edge_listen for b in side_cfg["backends"])
+    assert all(port_of(b["address"]) in {p["port"] for p in headless_e["spec"]["ports"]} for b in side_cfg["backends"])
+    # ... verifying the name all edge replicas share (the ClusterIP Service's, the certificate's SAN)
+    assert {b["tls"]["server_name"] for b in side_cfg["backends"]} == {"copilot-lb-edge"}
+    # the byte-pipe sidecar dials the edge ClusterIP Service on its port
+    tcp = load_yaml(REPO / "config" / "sidecar-tcp.yaml")["listeners"][0]
+    up = tcp["upstream"]["address"]
+    esvc = svcs[host_of(up)]
+    assert esvc["spec"].get("clusterIP") != "None"
+    assert port_of(up) in {p["port"] for p in esvc["spec"]["ports"]}
+    assert tcp["upstream"]["tls"]["server_name"] == esvc["metadata"]["name"]
+    # the app dials the sidecar, a native sidecar that sends the tenant token from a Secret
     app_pod = pod_spec(by_kind(docs, "Deployment")["example-app"])
     sidecar = next(c for c in app_pod["initContainers"] if c["image"] == "copilot-lb")
     assert sidecar.get("restartPolicy") == "Always", "native sidecar expected"
+    senv = {e["name"]: e for e in sidecar["env"]}
+    secrets = by_kind(docs, "Secret")
+    for b in side_cfg["backends"]:
+        assert b.get("edge") is True and b.get("token_env"), b["name"]
+        ref = senv[b["token_env"]]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]]["stringData"], f"{b['name']}: secret {ref}"
+        assert not ref.get("optional"), "the sidecar must not start without its tenant token"
+    # /readyz is meaningful for a sidecar with edge backends: it gates the app's start and the pod
+    assert sidecar["startupProbe"]["exec"]["command"][1] == "/readyz"
+    assert sidecar["readinessProbe"]["exec"]["command"][1] == "/readyz"
+    assert sidecar["livenessProbe"]["exec"]["command"][1] == "/livez"
     app = next(c for c in app_pod["containers"] if c["name"] == "app")
-    assert {e["name"]: e.get("value") for e in app["env"]}["COPILOT_CLI_URL"] == side["listen"]
+    aenv = {e["name"]: e for e in app["env"]}
+    assert aenv["COPILOT_CLI_URL"].get("value") == side["listen"]
+    assert "COPILOT_LB_TENANT_TOKEN" not in aenv, "the app never sees the tenant token"
     assert app["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    sel = selector or {}
+    assert not sel.get("matchExpressions"), "only matchLabels is modelled"
+    return (sel.get("matchLabels") or {}).items() <= labels.items()
+
+
+def test_k8s_network_policy_lets_the_app_reach_every_edge_pod(docs):
+    """The sidecar dials edge pods directly (headless Service): every NetworkPolicy that selects
+    the edge pods must admit the app pods on the edge's port (same namespace)."""
+    edge_labels = edge_workload(docs)["spec"]["template"]["metadata"]["labels"]
+    app_labels = by_kind(docs, "Deployment")["example-app"]["spec"]["template"]["metadata"]["labels"]
+    port = port_of(load_yaml(REPO / "config" / "edge.yaml")["listeners"][0]["listen"])
+    pols = [p for p in by_kind(docs, "NetworkPolicy").values()
+            if selects(p["spec"]["podSelector"], edge_labels)
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    assert pols, "no NetworkPolicy guards the edge pods"
+
+    def admits(rule) -> bool:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") in (port, "client") for p in ports):
+            return False
+        peers = rule.get("from")
+        if not peers:
+            return True
+        return any("ipBlock" not in peer and selects(peer.get("podSelector"), app_labels)
+                   and ("namespaceSelector" not in peer or selects(peer["namespaceSelector"], {}))
+                   for peer in peers)
+    allowed = [r for p in pols for r in p["spec"].get("ingress", []) if admits(r)]
+    assert allowed, f"no ingress rule admits {app_labels} to the edge pods on {port}"
+    # the CLIs and Redis still admit the edge pods, whatever controller made them
+    for name in ("copilot-cli", "copilot-lb-redis"):
+        rules = by_kind(docs, "NetworkPolicy")[name]["spec"]["ingress"]
+        assert any(selects(peer.get("podSelector"), edge_labels) for r in rules for peer in r.get("from", [])), name
 
 
 # ------------------------------------------------------------------------------------------
