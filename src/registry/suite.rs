@@ -556,6 +556,21 @@ async fn redis_store_keeps_every_rule_through_sentinel_with_passwords() {
 
 #[tokio::test]
 async fn the_store_follows_a_sentinel_failover() {
+    failover_through_sentinel(false).await
+}
+
+/// A stalled master keeps its connections open and silent: the store's operations time out,
+/// and the subscriber (whose stream never ends) moves when the data connection does.
+#[tokio::test]
+async fn the_store_follows_a_sentinel_failover_off_a_stalled_master() {
+    failover_through_sentinel(true).await
+}
+
+/// Records made, the master SIGKILLed (or SIGSTOPped when `stall`), the replica promoted:
+/// the store answers there with the replicated records, and another replica's subscriber
+/// hears announcements there.
+async fn failover_through_sentinel(stall: bool) {
+    let what = if stall { "stalled" } else { "killed" };
     let g = tokio::task::spawn_blocking(|| SentinelGroup::start(None, None))
         .await
         .unwrap()
@@ -571,9 +586,17 @@ async fn the_store_follows_a_sentinel_failover() {
             Duration::from_secs(5),
         )
     };
-    let (r1, r2) = (open(), open());
+    let (r1, mut r2) = (open(), open());
+    // r2's periodic store traffic (as a running proxy's): what moves its data connection.
+    r2.sync_every = Duration::from_millis(200);
+    let r2 = r2;
     let stop = CancellationToken::new();
-    let follow = r2.follow(&pool, stop.clone());
+    let follow = async {
+        tokio::join!(
+            r2.follow(&pool, stop.clone()),
+            r2.sync_loop(&pool, stop.clone())
+        )
+    };
     let body = async {
         for i in 0..20 {
             let r = rec(&format!("t{i}"), "b1");
@@ -597,7 +620,11 @@ async fn the_store_follows_a_sentinel_failover() {
         // The master dies; until the sentinel promotes the replica every operation fails
         // (closed), each within the timeout; then the store answers on the new master.
         let t0 = Instant::now();
-        g.master.kill();
+        if stall {
+            g.master.pause();
+        } else {
+            g.master.kill();
+        }
         let until = t0 + Duration::from_secs(30);
         let mut failures = 0;
         loop {
@@ -627,7 +654,7 @@ async fn the_store_follows_a_sentinel_failover() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let took = t0.elapsed();
-        println!("sentinel failover: the store answered again {took:?} after the master was killed ({failures} operations failed closed meanwhile)");
+        println!("sentinel failover: the store answered again {took:?} after the master was {what} ({failures} operations failed closed meanwhile)");
         assert!(failures > 0, "the store never noticed the master was gone");
         assert_eq!(
             g.master_port(),
