@@ -1,8 +1,9 @@
 //! The Redis store (`state: {kind: redis}`), for a fleet of replicas: one hash per session
 //! under `key_prefix`, every decision an atomic Lua script (insert-if-absent, compare-and-set
 //! on the epoch), moves and deletes announced on a pub/sub channel so the other replicas'
-//! caches follow. The connection is the `redis` crate's connection manager (reconnects by
-//! itself); it is made on first use, so the proxy starts while Redis is down.
+//! caches follow. The connection (`redis_conn`: one URL through the `redis` crate's
+//! connection manager, or the master the Redis Sentinels name) is made on first use, so the
+//! proxy starts while Redis is down.
 
 use super::redis_conn::{Conn, Target};
 use super::{Created, Moved, Record, Store, StoreError};
@@ -312,12 +313,14 @@ impl RedisStore {
                     }
                     info!(channel = %self.channel(), "following the session registry's moves and deletes");
                     let mut msgs = ps.into_on_message();
+                    let mut moved_on = false;
                     loop {
                         let msg = tokio::select! {
                             _ = stop.cancelled() => return,
                             m = msgs.next() => m,
                             moved = master_moved(changes.as_mut(), addr.as_deref()) => {
                                 info!(master = %moved, "registry master changed; moving the subscription");
+                                moved_on = true;
                                 break;
                             }
                         };
@@ -352,8 +355,10 @@ impl RedisStore {
                             }
                         }
                     }
-                    warn!("registry subscription lost; resubscribing");
-                    self.target.forget_master(addr.as_deref());
+                    if !moved_on {
+                        warn!("registry subscription lost; resubscribing");
+                        self.target.forget_master(addr.as_deref());
+                    }
                 }
                 Ok(Err(e)) => {
                     warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the session registry")
