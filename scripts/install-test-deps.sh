@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, from Debian: redis-server (the session
-# registry's Redis store is tested against a real one, started by the tests on loopback),
+# registry's Redis store is tested against a real one, started by the tests on loopback; the
+# same binary runs the Sentinel tests' sentinel with --sentinel, and their fixture reads
+# replication state with redis-cli, from redis-tools, which redis-server depends on),
 # promtool from the `prometheus` package (deploy/prometheus/ rules are checked and unit-tested
 # with it) and chromium, plus the pinned playwright-core from npm (the status page's browser
 # test, tests/browser/). Root or sudo, non-interactive, idempotent; system instances Debian may
@@ -32,7 +34,11 @@ if ! command -v promtool >/dev/null 2>&1; then
     apt_install prometheus --no-install-recommends
     stop_service prometheus
 fi
+if ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install redis-tools
+fi
 redis-server --version
+redis-cli --version
 promtool --version 2>&1 | head -1
 # The browser test drives Debian's build (playwright cannot download its own browsers here).
 if [ ! -x /usr/bin/chromium ]; then

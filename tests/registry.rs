@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use test_support::redis::RedisServer;
+use test_support::redis::{RedisServer, SentinelGroup};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -471,6 +471,113 @@ async fn one_replica_reaps_the_fleets_idle_sessions_and_keeps_the_busy_ones() {
             json!({"sessionId": "hy-busy", "prompt": "via A"}),
         )
         .await;
+    })
+    .await;
+}
+
+/// A replica like [`replica`], on the master `group`'s sentinel names.
+async fn sentinel_replica(
+    group: &SentinelGroup,
+    fakes: &[test_support::fake_cli::FakeCli],
+) -> (copilot_lb::app::Running, SocketAddr) {
+    let backends: String = fakes
+        .iter()
+        .map(|f| format!("  - {{name: {}, address: {}}}\n", f.name(), f.addr()))
+        .collect();
+    let yaml = format!(
+        "listeners: [{{listen: 127.0.0.1:0}}]\nbackends:\n{backends}health: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 2}}\nsessions: {{shared_storage: true}}\nstate:\n  kind: redis\n  sentinel: {{master_name: {}, nodes: [\"{}\"]}}\n  key_prefix: \"sn:\"\n  timeout: 500ms\n  sync_interval: 200ms\n{}",
+        SentinelGroup::MASTER_NAME,
+        group.sentinel_addr(),
+        tenants_yaml()
+    );
+    proxy(Config::from_yaml(&yaml, "sentinel replica").expect("config")).await
+}
+
+#[tokio::test]
+async fn two_replicas_on_sentinel_ride_out_a_master_failover() {
+    within(T, async {
+        let group = tokio::task::spawn_blocking(|| SentinelGroup::start(None, None))
+            .await
+            .unwrap()
+            .expect("sentinel group");
+        let fakes = fakes(2, true).await;
+        let (_r1, one) = sentinel_replica(&group, &fakes).await;
+        let (_r2, two) = sentinel_replica(&group, &fakes).await;
+        let mut a1 = as_tenant(one, "tok-a").await;
+        a1.ok("session.create", json!({"sessionId": "before-1"}))
+            .await;
+        let mut b2 = as_tenant(two, "tok-b").await;
+        let r = b2
+            .call("session.resume", json!({"sessionId": "before-1"}))
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        let new = group.replica.port();
+        let mut group = tokio::task::spawn_blocking(move || {
+            group.wait_replicated().expect("replicated");
+            group
+        })
+        .await
+        .unwrap();
+
+        let t0 = Instant::now();
+        group.master.kill();
+        // Known to replica 1: served from its cache while there is no master.
+        a1.ok(
+            "session.send",
+            json!({"sessionId": "before-1", "prompt": "during"}),
+        )
+        .await;
+        // A create through replica 2: refused (retryable) until the sentinel has promoted the
+        // replica, then made there.
+        let mut refused = 0;
+        let mut a2 = as_tenant(two, "tok-a").await;
+        loop {
+            let t = Instant::now();
+            let r = a2
+                .call("session.create", json!({"sessionId": "after-1"}))
+                .await;
+            match r.error_code() {
+                None => break,
+                Some(c) => {
+                    assert_eq!(c, rpc::BACKEND_UNAVAILABLE, "{}", r.text());
+                    refused += 1;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            assert!(t0.elapsed() < Duration::from_secs(30), "no master after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "sentinel failover through copilot-lb: a create succeeded {:?} after the master was killed ({refused} refused with -32011 meanwhile)",
+            t0.elapsed()
+        );
+        let named = tokio::task::spawn_blocking(move || {
+            let p = group.master_port();
+            (p, group)
+        })
+        .await
+        .unwrap();
+        assert_eq!(named.0, Some(new));
+        // The record made before the failover survived it: still a's, still refused to b,
+        // and usable by a through the other replica.
+        let r = b2
+            .call("session.resume", json!({"sessionId": "before-1"}))
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        a2.ok("session.resume", json!({"sessionId": "before-1"}))
+            .await;
+        a2.ok(
+            "session.send",
+            json!({"sessionId": "before-1", "prompt": "after"}),
+        )
+        .await;
+        // And the new one is a's for replica 1 too.
+        let mut b1 = as_tenant(one, "tok-b").await;
+        let r = b1
+            .call("session.resume", json!({"sessionId": "after-1"}))
+            .await;
+        assert_eq!(r.error_code(), Some(rpc::SESSION_FORBIDDEN), "{}", r.text());
+        drop(named);
     })
     .await;
 }

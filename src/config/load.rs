@@ -402,6 +402,7 @@ impl super::StateConfig {
         let redis_only = [
             ("url", self.url.is_some()),
             ("url_env", self.url_env.is_some()),
+            ("sentinel", self.sentinel.is_some()),
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
             ("key_prefix", self.key_prefix.is_some()),
@@ -427,8 +428,23 @@ impl super::StateConfig {
             ));
         }
         if self.kind == StateKind::Redis {
+            if let Some(s) = &self.sentinel {
+                let l = s.referenced;
+                let at = if l == serde_saphyr::Location::UNKNOWN {
+                    String::new()
+                } else {
+                    format!("line {}, column {}: ", l.line(), l.column())
+                };
+                if self.url.is_some() || self.url_env.is_some() {
+                    p.push(format!("{at}state.sentinel and state.url/url_env are exclusive: the sentinels name the master, give one or the other"));
+                }
+                sentinel_problems(&s.value, &at, &mut p);
+            }
             match (&self.url, &self.url_env) {
-                (None, None) => p.push("state.kind redis needs url (or url_env)".into()),
+                (None, None) if self.sentinel.is_some() => {}
+                (None, None) => {
+                    p.push("state.kind redis needs url (or url_env, or sentinel)".into())
+                }
                 (Some(_), Some(_)) => p.push("state: give url or url_env, not both".into()),
                 (Some(u), None) => {
                     if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
@@ -458,6 +474,47 @@ impl super::StateConfig {
             p.push("state.sync_interval must be at least 100ms".into());
         }
         p
+    }
+}
+
+/// What is wrong with `state.sentinel` (`at` names its line).
+fn sentinel_problems(s: &super::SentinelConfig, at: &str, p: &mut Vec<String>) {
+    if s.master_name.trim().is_empty() {
+        p.push(format!("{at}state.sentinel.master_name must not be empty"));
+    }
+    if s.nodes.is_empty() {
+        p.push(format!(
+            "{at}state.sentinel.nodes needs at least one sentinel (host:port)"
+        ));
+    }
+    for n in &s.nodes {
+        if let Err(why) = sentinel_node(n) {
+            p.push(format!("{at}state.sentinel.nodes: {n:?} {why}"));
+        }
+    }
+    if s.password_env.is_some() && s.password_file.is_some() {
+        p.push(format!(
+            "{at}state.sentinel: give password_env or password_file, not both"
+        ));
+    }
+}
+
+/// A sentinel's address, `host:port` (`[v6]:port` too): no scheme, no credentials, since
+/// the passwords come from the environment or files and the address reaches logs.
+pub(crate) fn sentinel_node(n: &str) -> Result<(String, u16), &'static str> {
+    if n.contains("://") || n.contains('@') {
+        return Err("must be host:port (no scheme, no credentials)");
+    }
+    let Some((host, port)) = n.rsplit_once(':') else {
+        return Err("must be host:port");
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host.to_string(), p)),
+        _ => Err("has no valid port"),
     }
 }
 

@@ -4,6 +4,7 @@
 mod load;
 mod values;
 
+pub(crate) use load::sentinel_node;
 pub use load::TokenError;
 pub use values::{
     check_addr, deadline_after, is_loopback, parse_duration, AddrError, DurationError, Millis,
@@ -116,6 +117,9 @@ pub struct StateConfig {
     /// Redis: `redis://host:port/db` or `rediss://` for TLS; no password in it (see below).
     #[serde(default)]
     pub url: Option<String>,
+    /// Redis: find the master through Redis Sentinel instead of a fixed `url`.
+    #[serde(default)]
+    pub sentinel: Option<Spanned<SentinelConfig>>,
     /// Redis: read the URL from this environment variable instead.
     #[serde(default)]
     pub url_env: Option<String>,
@@ -137,6 +141,23 @@ pub struct StateConfig {
     /// Redis: how long the hygiene lease outlives its holder's last renewal (default 15 s).
     #[serde(default)]
     pub lease_ttl: Option<Millis>,
+}
+
+/// `state.sentinel`: the sentinels that name the current master of a Redis replication group.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the master under (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// The sentinels, `host:port` each; asked in this order.
+    pub nodes: Vec<String>,
+    /// The sentinels' own password (their `requirepass`), from this environment variable.
+    /// The data nodes' password is `state.password_env` / `state.password_file`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// The sentinels' own password, from this file (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// Why a Redis setting could not be read.
@@ -210,22 +231,38 @@ impl StateConfig {
         }
     }
 
-    /// The Redis password, if one is configured.
+    /// The Redis password (of the data nodes), if one is configured.
     pub fn redis_password(&self) -> Result<Option<String>, StateSecretError> {
-        if let Some(var) = &self.password_env {
-            return std::env::var(var)
-                .map(Some)
-                .map_err(|_| StateSecretError::MissingEnv(var.clone()));
-        }
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|source| StateSecretError::File {
-                path: path.display().to_string(),
-                source,
-            })?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-        }
-        Ok(None)
+        read_secret(self.password_env.as_deref(), self.password_file.as_deref())
     }
+
+    /// The sentinels' own password, if one is configured.
+    pub fn sentinel_password(&self) -> Result<Option<String>, StateSecretError> {
+        match &self.sentinel {
+            Some(s) => read_secret(
+                s.value.password_env.as_deref(),
+                s.value.password_file.as_deref(),
+            ),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A secret from an environment variable or a file (trailing newline ignored).
+fn read_secret(env: Option<&str>, file: Option<&Path>) -> Result<Option<String>, StateSecretError> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| StateSecretError::MissingEnv(var.to_string()));
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|source| StateSecretError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+    }
+    Ok(None)
 }
 
 /// Additions to the routing table, which refuses every method it does not list: methods a
@@ -798,6 +835,78 @@ pub fn default_path() -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sentinel_block_is_checked_and_exclusive_with_url() {
+        let ok = Config::from_yaml(
+            "state:\n  kind: redis\n  sentinel: {master_name: mymaster, nodes: [\"127.0.0.1:26379\", \"[::1]:26380\"]}\n",
+            "t",
+        )
+        .unwrap();
+        let s = &ok.state.sentinel.as_ref().unwrap().value;
+        assert_eq!((s.master_name.as_str(), s.nodes.len()), ("mymaster", 2));
+        assert_eq!(sentinel_node("[::1]:26380").unwrap(), ("::1".into(), 26380));
+        for (bad, says) in [
+            (
+                "  url: redis://127.0.0.1:6379/0\n  sentinel: {master_name: m, nodes: [\"h:1\"]}\n",
+                "line 4, column 13: state.sentinel and state.url/url_env are exclusive",
+            ),
+            (
+                "  url_env: X\n  sentinel: {master_name: m, nodes: [\"h:1\"]}\n",
+                "state.sentinel and state.url/url_env are exclusive",
+            ),
+            ("  sentinel: {master_name: m, nodes: []}\n", "at least one sentinel"),
+            ("  sentinel: {master_name: \"\", nodes: [\"h:1\"]}\n", "master_name must not be empty"),
+            ("  sentinel: {master_name: m, nodes: [\"redis://h:1\"]}\n", "no scheme"),
+            ("  sentinel: {master_name: m, nodes: [\"u:pw@h:1\"]}\n", "no credentials"),
+            ("  sentinel: {master_name: m, nodes: [\"h:0\"]}\n", "no valid port"),
+            ("  sentinel: {master_name: m, nodes: [\"h\"]}\n", "must be host:port"),
+            (
+                "  sentinel: {master_name: m, nodes: [\"h:1\"], password_env: A, password_file: /p}\n",
+                "state.sentinel: give password_env or password_file, not both",
+            ),
+            ("  sentinel: {master_name: m, nodes: [\"h:1\"], url: x}\n", "unknown field"),
+            ("  sentinel: {nodes: [\"h:1\"]}\n", "master_name"),
+            ("", "needs url (or url_env, or sentinel)"),
+        ] {
+            let yaml = format!("state:\n  kind: redis\n{bad}");
+            let e = Config::from_yaml(&yaml, "t").unwrap_err().to_string();
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
+        let e = Config::from_yaml(
+            "state:\n  kind: embedded\n  sentinel: {master_name: m, nodes: [\"h:1\"]}\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("state.sentinel is a redis setting"), "{e}");
+    }
+
+    #[test]
+    fn the_data_nodes_and_the_sentinels_passwords_come_from_their_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, sent) = (dir.path().join("d"), dir.path().join("s"));
+        std::fs::write(&data, "data-pw\n").unwrap();
+        std::fs::write(&sent, "sentinel-pw\n").unwrap();
+        let yaml = format!(
+            "state:\n  kind: redis\n  password_file: {}\n  sentinel: {{master_name: m, nodes: [\"h:1\"], password_file: {}}}\n",
+            data.display(),
+            sent.display()
+        );
+        let c = Config::from_yaml(&yaml, "t").unwrap();
+        assert_eq!(
+            c.state.redis_password().unwrap().as_deref(),
+            Some("data-pw")
+        );
+        assert_eq!(
+            c.state.sentinel_password().unwrap().as_deref(),
+            Some("sentinel-pw")
+        );
+        // A missing secret is an error at start-up, not a connection without a password.
+        std::fs::remove_file(&sent).unwrap();
+        assert!(c.state.sentinel_password().is_err());
+        assert!(crate::registry::RedisStore::new(&c.state).is_err());
+    }
+
     #[test]
     fn hygiene_interval_and_lease_ttl_are_checked_together() {
         let redis = "state: {kind: redis, url: \"redis://127.0.0.1:1/0\"";

@@ -13,6 +13,7 @@
 //! in the memory of the replica serving the session.
 
 mod embedded;
+mod redis_conn;
 mod redis_store;
 #[cfg(test)]
 mod suite;

@@ -1,18 +1,18 @@
 //! The Redis store (`state: {kind: redis}`), for a fleet of replicas: one hash per session
 //! under `key_prefix`, every decision an atomic Lua script (insert-if-absent, compare-and-set
 //! on the epoch), moves and deletes announced on a pub/sub channel so the other replicas'
-//! caches follow. The connection is the `redis` crate's connection manager (reconnects by
-//! itself); it is made on first use, so the proxy starts while Redis is down.
+//! caches follow. The connection (`redis_conn`: one URL through the `redis` crate's
+//! connection manager, or the master the Redis Sentinels name) is made on first use, so the
+//! proxy starts while Redis is down.
 
+use super::redis_conn::{Conn, Target};
 use super::{Created, Moved, Record, Store, StoreError};
 use crate::affinity::SessionTable;
 use crate::backend::Pool;
 use crate::config::StateConfig;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, Script};
+use redis::{AsyncCommands, Script};
 use std::time::Duration;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -123,10 +123,9 @@ return out
 
 /// Session records in Redis.
 pub(crate) struct RedisStore {
-    client: Client,
+    target: Target,
     prefix: String,
     timeout: Duration,
-    conn: Mutex<Option<ConnectionManager>>,
     create: Script,
     moves: Script,
     remove: Script,
@@ -193,24 +192,14 @@ fn parse_record(id: &str, flat: &[String]) -> Result<Option<Record>, StoreError>
 }
 
 impl RedisStore {
-    /// Builds the client from `state` (URL, password from env or file); connects on first use.
+    /// Builds the client from `state` (URL or sentinels, passwords from env or file);
+    /// connects on first use.
     pub(crate) fn new(cfg: &StateConfig) -> Result<RedisStore, String> {
-        let mut info: redis::ConnectionInfo = cfg
-            .redis_url()
-            .map_err(|e| e.to_string())?
-            .as_str()
-            .parse()
-            .map_err(|e: redis::RedisError| format!("url: {e}"))?;
-        if let Some(pw) = cfg.redis_password().map_err(|e| e.to_string())? {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
-        let client = Client::open(info).map_err(|e| e.to_string())?;
+        let target = Target::new(cfg).map_err(|e| e.to_string())?;
         Ok(RedisStore {
-            client,
+            target,
             prefix: cfg.key_prefix().to_string(),
             timeout: cfg.timeout(),
-            conn: Mutex::new(None),
             create: Script::new(CREATE),
             moves: Script::new(MOVE),
             remove: Script::new(REMOVE),
@@ -249,20 +238,10 @@ impl RedisStore {
         format!("{}events", self.prefix)
     }
 
-    /// The shared connection, made on first use (and again after a failed first attempt).
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let c = ConnectionManager::new_with_config(self.client.clone(), cfg).await?;
-        *slot = Some(c.clone());
-        Ok(c)
+    /// The shared connection, made on first use (and again after a failed attempt; with
+    /// Sentinel, after the master it reached failed).
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        Ok(self.target.conn(self.timeout).await?)
     }
 
     async fn publish(&self, ev: &Event) {
@@ -303,28 +282,47 @@ impl RedisStore {
     /// replica was not listening are lost, and an idle entry is cheap to look up again.
     pub(crate) async fn follow(&self, table: &SessionTable, pool: &Pool, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        // Sentinel mode: announcements are published on the master the data connection
+        // reaches, so the subscription moves when that does (a stalled old master would
+        // otherwise keep this stream open and silent).
+        let mut changes = self.target.master_changes();
         loop {
+            // The master this attempt tried (Sentinel mode): if it fails there, the data
+            // connection to that master is dropped too, so the next lookup asks the
+            // sentinels (a replica that only follows would otherwise retry a dead master).
+            let mut tried = None;
             let subscribed = async {
-                let mut ps = self.client.get_async_pubsub().await?;
+                let (client, addr) = self.target.pubsub_client(self.timeout).await?;
+                tried.clone_from(&addr);
+                let mut ps = client.get_async_pubsub().await?;
                 ps.subscribe(self.channel()).await?;
-                Ok::<_, redis::RedisError>(ps)
+                Ok::<_, redis::RedisError>((ps, addr))
             };
             let ps = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = tokio::time::timeout(self.timeout, subscribed) => r,
             };
+            if !matches!(ps, Ok(Ok(_))) {
+                self.target.forget_master(tried.as_deref());
+            }
             match ps {
-                Ok(Ok(ps)) => {
+                Ok(Ok((ps, addr))) => {
                     backoff = Duration::from_millis(100);
                     for (id, _) in table.snapshot() {
                         table.forget_idle(&id);
                     }
                     info!(channel = %self.channel(), "following the session registry's moves and deletes");
                     let mut msgs = ps.into_on_message();
+                    let mut moved_on = false;
                     loop {
                         let msg = tokio::select! {
                             _ = stop.cancelled() => return,
                             m = msgs.next() => m,
+                            moved = master_moved(changes.as_mut(), addr.as_deref()) => {
+                                info!(master = %moved, "registry master changed; moving the subscription");
+                                moved_on = true;
+                                break;
+                            }
                         };
                         let Some(msg) = msg else { break };
                         let Ok(text) = msg.get_payload::<String>() else {
@@ -357,7 +355,10 @@ impl RedisStore {
                             }
                         }
                     }
-                    warn!("registry subscription lost; resubscribing");
+                    if !moved_on {
+                        warn!("registry subscription lost; resubscribing");
+                        self.target.forget_master(addr.as_deref());
+                    }
                 }
                 Ok(Err(e)) => {
                     warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the session registry")
@@ -371,6 +372,29 @@ impl RedisStore {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Resolves when the master changes to another address than `addr` (never without
+/// Sentinel, or when the sender is gone).
+async fn master_moved(
+    rx: Option<&mut tokio::sync::watch::Receiver<Option<String>>>,
+    addr: Option<&str>,
+) -> String {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        // Checked before waiting too: a change between the lookup and the subscription.
+        let now = rx.borrow_and_update().clone();
+        if let Some(now) = now {
+            if Some(now.as_str()) != addr {
+                return now;
+            }
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

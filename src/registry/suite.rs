@@ -1,7 +1,7 @@
 //! One test suite, run against every store: what the proxy relies on of a registry.
 
 use super::*;
-use test_support::redis::RedisServer;
+use test_support::redis::{RedisServer, SentinelGroup};
 
 fn rec(owner: &str, backend: &str) -> Record {
     Record::new(owner, backend)
@@ -487,4 +487,242 @@ async fn a_create_answered_too_late_is_undone() {
         reg.claim("late", "b", "b1", &pool).await.unwrap(),
         Claim::New
     );
+}
+
+/// `state` for the group's sentinel; passwords (data nodes', sentinel's) from files in `dir`.
+fn sentinel_config(
+    g: &SentinelGroup,
+    prefix: &str,
+    dir: &std::path::Path,
+    password: Option<&str>,
+    sentinel_password: Option<&str>,
+) -> StateConfig {
+    let file = |name: &str, pw: Option<&str>| {
+        pw.map(|pw| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("{pw}\n")).unwrap();
+            path
+        })
+    };
+    StateConfig {
+        kind: StateKind::Redis,
+        sentinel: Some(serde_saphyr::Spanned {
+            value: crate::config::SentinelConfig {
+                master_name: SentinelGroup::MASTER_NAME.into(),
+                nodes: vec![g.sentinel_addr()],
+                password_env: None,
+                password_file: file("sentinel-password", sentinel_password),
+            },
+            referenced: serde_saphyr::Location::UNKNOWN,
+            defined: serde_saphyr::Location::UNKNOWN,
+        }),
+        password_file: file("password", password),
+        key_prefix: Some(prefix.to_string()),
+        timeout: Some(crate::config::Millis(Duration::from_millis(500))),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn redis_store_keeps_every_rule_through_sentinel_with_passwords() {
+    let (pw, spw) = ("data-secret-1", "sentinel-secret-2");
+    let g = tokio::task::spawn_blocking(move || SentinelGroup::start(Some(pw), Some(spw)))
+        .await
+        .unwrap()
+        .expect("sentinel group");
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedisStore::new(&sentinel_config(&g, "st:", dir.path(), Some(pw), Some(spw))).unwrap();
+    rules(&s).await;
+    let w = RedisStore::new(&sentinel_config(&g, "sw:", dir.path(), Some(pw), Some(spw))).unwrap();
+    walk(&w).await;
+    lease_is_exclusive(&w).await;
+    // Each password is used where it belongs: without the data nodes' one, or with the
+    // sentinel's wrong, nothing is answered (and no error names a secret).
+    for (p, sp) in [
+        (None, Some(spw)),
+        (Some(pw), Some("wrong")),
+        (Some(pw), None),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let bad = RedisStore::new(&sentinel_config(&g, "st:", d.path(), p, sp)).unwrap();
+        let e = bad
+            .get("s1")
+            .await
+            .expect_err("answered without the right passwords");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(pw) && !text.contains(spw), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn the_store_follows_a_sentinel_failover() {
+    failover_through_sentinel(false).await
+}
+
+/// A stalled master keeps its connections open and silent: the store's operations time out,
+/// and the subscriber (whose stream never ends) moves when the data connection does.
+#[tokio::test]
+async fn the_store_follows_a_sentinel_failover_off_a_stalled_master() {
+    failover_through_sentinel(true).await
+}
+
+/// Records made, the master SIGKILLed (or SIGSTOPped when `stall`), the replica promoted:
+/// the store answers there with the replicated records, and another replica's subscriber
+/// hears announcements there.
+async fn failover_through_sentinel(stall: bool) {
+    let what = if stall { "stalled" } else { "killed" };
+    let g = tokio::task::spawn_blocking(|| SentinelGroup::start(None, None))
+        .await
+        .unwrap()
+        .expect("sentinel group");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sentinel_config(&g, "fo:", dir.path(), None, None);
+    let store = std::sync::Arc::new(RedisStore::new(&cfg).unwrap());
+    let pool = Pool::default();
+    let open = || {
+        Registry::with(
+            Kind::Redis(std::sync::Arc::new(RedisStore::new(&cfg).unwrap())),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        )
+    };
+    let (r1, mut r2) = (open(), open());
+    // r2's periodic store traffic (as a running proxy's): what moves its data connection.
+    r2.sync_every = Duration::from_millis(200);
+    let r2 = r2;
+    let stop = CancellationToken::new();
+    let follow = async {
+        tokio::join!(
+            r2.follow(&pool, stop.clone()),
+            r2.sync_loop(&pool, stop.clone())
+        )
+    };
+    let body = async {
+        for i in 0..20 {
+            let r = rec(&format!("t{i}"), "b1");
+            assert_eq!(
+                store.create(&format!("pre{i}"), &r).await.unwrap(),
+                Created::Inserted
+            );
+        }
+        assert_eq!(r1.claim("s", "a", "b1", &pool).await.unwrap(), Claim::New);
+        assert_eq!(r2.lookup("s", &pool).await.unwrap().unwrap().backend, "b1");
+        let (old, new) = (g.master.port(), g.replica.port());
+        assert_eq!(g.master_port(), Some(old));
+        let g = tokio::task::spawn_blocking(move || {
+            g.wait_replicated().expect("replicated");
+            g
+        })
+        .await
+        .unwrap();
+        let mut g = g;
+
+        // The master dies; until the sentinel promotes the replica every operation fails
+        // (closed), each within the timeout; then the store answers on the new master.
+        let t0 = Instant::now();
+        if stall {
+            g.master.pause();
+        } else {
+            g.master.kill();
+        }
+        let until = t0 + Duration::from_secs(30);
+        let mut failures = 0;
+        loop {
+            let t = Instant::now();
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                store.create("post", &rec("z", "b2")),
+            )
+            .await
+            {
+                Ok(Ok(c)) => {
+                    assert_eq!(c, Created::Inserted);
+                    break;
+                }
+                Ok(Err(_)) => failures += 1,
+                Err(_) => panic!("an operation outlived its bound during the failover"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_millis(1500),
+                "one attempt took {:?}",
+                t.elapsed()
+            );
+            assert!(
+                Instant::now() < until,
+                "no answer 30 s after the master died"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = t0.elapsed();
+        println!("sentinel failover: the store answered again {took:?} after the master was {what} ({failures} operations failed closed meanwhile)");
+        assert!(failures > 0, "the store never noticed the master was gone");
+        assert_eq!(
+            g.master_port(),
+            Some(new),
+            "the sentinel named another master"
+        );
+        assert_eq!(store.get("post").await.unwrap().unwrap().owner, "z");
+        for i in 0..20 {
+            let r = store.get(&format!("pre{i}")).await.unwrap();
+            assert_eq!(r.map(|r| r.owner), Some(format!("t{i}")), "pre{i} lost");
+        }
+
+        // The other replica's subscriber moved to the new master: it hears the next move.
+        let until = Instant::now() + Duration::from_secs(10);
+        let moved = loop {
+            match r1.reassign("s", "b1", "b2", &pool).await {
+                Ok(Some(b)) => break b,
+                r => assert!(Instant::now() < until, "r1 never moved the session: {r:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(moved, "b2");
+        let master = redis::Client::open(format!("redis://127.0.0.1:{new}/")).unwrap();
+        let mut c = master.get_multiplexed_async_connection().await.unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("fo:events")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if n >= 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "nobody subscribed on the new master"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Cached (from the store, or learned from the first announcement) as b2.
+        let until = Instant::now() + Duration::from_secs(5);
+        while r2.lookup("s", &pool).await.unwrap().unwrap().backend != "b2" {
+            assert!(Instant::now() < until, "r2 never saw the first move");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            r1.reassign("s", "b2", "b3", &pool)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("b3")
+        );
+        // r2 answers from its cache: only the announcement can change what it says.
+        let until = Instant::now() + Duration::from_secs(5);
+        while r2.lookup("s", &pool).await.unwrap().unwrap().backend != "b3" {
+            assert!(
+                Instant::now() < until,
+                "r2 never heard the move on the new master"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        g
+    };
+    tokio::select! {
+        g = body => drop(g),
+        _ = follow => unreachable!("the subscriber stopped"),
+    }
+    stop.cancel();
 }
