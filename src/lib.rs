@@ -16,6 +16,7 @@ pub mod envelope;
 mod fair;
 pub mod health;
 mod hygiene;
+pub mod managed;
 mod metrics;
 mod policy;
 mod proxy;

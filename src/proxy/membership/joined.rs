@@ -29,6 +29,8 @@ impl Joined {
 #[derive(Debug)]
 struct Turn {
     _slot: TurnSlot,
+    /// Counts the turn as work on the backend it was sent to (a rolling restart waits for it).
+    _on: Option<crate::backend::Busy>,
     /// Sent on a session this connection has not joined: its events go to whichever
     /// connection did, so the turn is counted until the send is answered.
     until_reply: bool,
@@ -93,9 +95,21 @@ impl Membership {
             sid.to_string(),
             Turn {
                 _slot: slot,
+                _on: None,
                 until_reply,
             },
         );
+    }
+
+    /// The turn running on `sid` was sent to `backend` (again, after a failover).
+    pub(in crate::proxy) fn turn_on(
+        &mut self,
+        sid: &str,
+        backend: &std::sync::Arc<crate::backend::Backend>,
+    ) {
+        if let Some(t) = self.turns.get_mut(sid) {
+            t._on = Some(backend.begin_work());
+        }
     }
 
     /// The session's `session.idle` or `session.error` arrived.

@@ -56,11 +56,19 @@ impl ClientConn {
     pub(super) async fn forward(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
-        req: ClientReq,
+        mut req: ClientReq,
     ) -> Result<(), ClientReq> {
         if backend.state() == State::Down {
             return Err(req);
         }
+        if let Some(sid) = req
+            .session
+            .as_deref()
+            .filter(|_| crate::proxy::membership::joined::starts_turn(&req.method))
+        {
+            self.members().turn_on(sid, backend);
+        }
+        req.on = Some(backend.begin_work());
         let link = self.link(backend);
         match link.send_client(req).await {
             Ok(()) => Ok(()),
