@@ -29,7 +29,7 @@ fn fake_cli_child() {
     let port: u16 = port.parse().expect("port");
     let token = std::env::var("COPILOT_CONNECTION_TOKEN").ok();
     let home = PathBuf::from(std::env::var("COPILOT_HOME").expect("COPILOT_HOME"));
-    let grandchild = Command::new("sleep").arg("120").spawn().expect("sleep");
+    let mut grandchild = Command::new("sleep").arg("120").spawn().expect("sleep");
     std::fs::write(home.join("grandchild.pid"), grandchild.id().to_string()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,6 +48,8 @@ fn fake_cli_child() {
         // Bounded: the pool stops it long before this.
         tokio::time::sleep(Duration::from_secs(120)).await;
     });
+    let _ = grandchild.kill();
+    let _ = grandchild.wait();
 }
 
 fn free_port() -> u16 {
