@@ -175,8 +175,13 @@ fn main() -> Result<()> {
                     problems.push(e);
                 }
             }
+            let pool = cfg
+                .managed
+                .as_ref()
+                .map(|m| format!(", a managed pool of {}", m.count.value))
+                .unwrap_or_default();
             println!(
-                "{}: ok ({} listener(s), {} backend(s))",
+                "{}: ok ({} listener(s), {} backend(s){pool})",
                 file.display(),
                 cfg.listeners.len(),
                 cfg.backends.len()

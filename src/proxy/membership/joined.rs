@@ -30,7 +30,7 @@ impl Joined {
 struct Turn {
     _slot: TurnSlot,
     /// Counts the turn as work on the backend it was sent to (a rolling restart waits for it).
-    _on: Option<crate::backend::Busy>,
+    on: Option<crate::backend::Busy>,
     /// Sent on a session this connection has not joined: its events go to whichever
     /// connection did, so the turn is counted until the send is answered.
     until_reply: bool,
@@ -95,7 +95,7 @@ impl Membership {
             sid.to_string(),
             Turn {
                 _slot: slot,
-                _on: None,
+                on: None,
                 until_reply,
             },
         );
@@ -108,7 +108,7 @@ impl Membership {
         backend: &std::sync::Arc<crate::backend::Backend>,
     ) {
         if let Some(t) = self.turns.get_mut(sid) {
-            t._on = Some(backend.begin_work());
+            t.on = Some(backend.begin_work());
         }
     }
 
@@ -132,7 +132,12 @@ impl Membership {
             .turns
             .iter()
             .filter(|(sid, t)| {
-                !t.until_reply && joined.get(*sid).is_some_and(|j| j.backend == backend)
+                // A turn not yet sent anywhere (held while its backend quiesced, or waiting
+                // for a slot) was not lost: it goes wherever its session moves.
+                let sent_there = t.on.as_ref().is_some_and(|b| b.backend().name == backend);
+                !t.until_reply
+                    && sent_there
+                    && joined.get(*sid).is_some_and(|j| j.backend == backend)
             })
             .map(|(sid, _)| sid.clone())
             .collect();
@@ -293,10 +298,20 @@ mod tests {
         assert!(m.in_turn("left"), "a joined turn outlives its send's reply");
         m.leave("left");
         m.turn_answered("stray", false);
+        m.turn_on("lost", &backend("a"));
         assert_eq!(m.take_turns_on("a"), vec!["lost".to_string()]);
         assert_eq!(l.turns(), 1);
         m.drain();
         assert_eq!(l.turns(), 0);
+    }
+
+    fn backend(name: &str) -> std::sync::Arc<crate::backend::Backend> {
+        let cfg = crate::config::Config::from_yaml(
+            &format!("backends:\n  - name: {name}\n    address: 127.0.0.1:1\n"),
+            "t",
+        )
+        .unwrap();
+        std::sync::Arc::new(crate::backend::Backend::from_config(&cfg.backends[0]).unwrap())
     }
 
     #[test]
@@ -306,8 +321,16 @@ mod tests {
         assert!(m.join("s", "a", None));
         assert!(!m.join("s", "a", None));
         m.start_turn("s", l.try_turn().unwrap());
+        assert!(
+            m.take_turns_on("a").is_empty(),
+            "a turn not sent yet is not lost with the backend"
+        );
+        let a = backend("a");
+        m.turn_on("s", &a);
+        assert_eq!(a.busy(), 1, "a turn sent there is work on the backend");
         assert_eq!(m.take_turns_on("b"), Vec::<String>::new());
         assert_eq!(m.take_turns_on("a"), vec!["s".to_string()]);
+        assert_eq!(a.busy(), 0, "and ends with the turn");
         assert!(m.take_turns_on("a").is_empty());
         assert_eq!(l.turns(), 0);
         assert!(!m.get("s").unwrap().needs_resume_on("a"));
