@@ -72,6 +72,16 @@ struct Pool {
 impl Pool {
     /// Starts copilot-lb with `count` fake CLIs (or `command`/`args` instead).
     fn start(count: u32, command: Option<(&str, &[&str])>, extra: &str) -> Pool {
+        Pool::start_with(count, command, extra, None)
+    }
+
+    /// Like [`Pool::start`], the admin API's mutating routes needing `admin_token`.
+    fn start_with(
+        count: u32,
+        command: Option<(&str, &[&str])>,
+        extra: &str,
+        admin_token: Option<&str>,
+    ) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let (admin_port, listen_port) = (free_port(), free_port());
         let me = std::env::current_exe().unwrap();
@@ -97,13 +107,18 @@ impl Pool {
         std::fs::write(
             &cfg,
             format!(
-                "listeners: [{{listen: 127.0.0.1:{listen_port}}}]\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nstate: {{kind: memory}}\nhealth: {{interval: 200ms, timeout: 500ms}}\nmanaged:\n  count: {count}\n  command: {cmd}\n  args: [{}]\n  home: {}\n  stop_timeout: 2s\n  start_timeout: 10s\n{extra}",
+                "listeners: [{{listen: 127.0.0.1:{listen_port}}}]\nadmin: {{listen: 127.0.0.1:{admin_port}{}}}\nstate: {{kind: memory}}\nhealth: {{interval: 200ms, timeout: 500ms}}\nmanaged:\n  count: {count}\n  command: {cmd}\n  args: [{}]\n  home: {}\n  stop_timeout: 2s\n  start_timeout: 10s\n{extra}",
+                if admin_token.is_some() { ", token_env: LB_ADMIN_TOKEN" } else { "" },
                 args.join(", "),
                 dir.path().join("pool").display()
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"));
+        if let Some(t) = admin_token {
+            child.env("LB_ADMIN_TOKEN", t);
+        }
+        let mut child = child
             .args(["serve", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -460,5 +475,57 @@ fn bad_pools_are_refused_with_what_to_do() {
             && err.contains("was not found on PATH")
             && err.contains("@github/copilot@1.0.102"),
         "{err}"
+    );
+}
+
+#[test]
+fn restart_honours_the_admin_token_and_a_reload_keeps_the_pool() {
+    let pool = Pool::start_with(2, None, "", Some("admin-SECRET-7"));
+    let before = pool.all_up(2);
+    let (status, v) = pool.http("POST", "/api/backends/restart");
+    assert_eq!(status, 401, "{v}");
+    // A reload (needs the token too) keeps the running pool as it is: same CLIs, still up.
+    let reload = |token: &str| {
+        let mut s = TcpStream::connect(&pool.admin).unwrap();
+        write!(s, "POST /api/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let out = reload("admin-SECRET-7");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}\n{}", pool.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let after = pool.all_up(2);
+    for (a, b) in before.iter().zip(&after) {
+        assert_eq!(
+            a["managed"]["cli_pid"], b["managed"]["cli_pid"],
+            "reload touched a CLI"
+        );
+        assert_eq!(a["address"], b["address"]);
+    }
+    // The CLI verb sends the token named by admin.token_env.
+    let cfg = pool.dir.path().join("lb.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        .args(["restart", "--config"])
+        .arg(&cfg)
+        .env("LB_ADMIN_TOKEN", "admin-SECRET-7")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        .args(["restart", "--config"])
+        .arg(&cfg)
+        .env("LB_ADMIN_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"));
+    assert!(
+        !pool.log().contains("admin-SECRET-7"),
+        "the admin token reached the log"
     );
 }

@@ -171,7 +171,14 @@ def test_readme_first_command_serves_a_managed_pool(e2e_install, tmp_path_factor
         model.stop()
     # A clean stop took every CLI with it.
     assert not [p for p in harness.running_procs() if p is proc]
-    left = subprocess.run(["pgrep", "-f", f"--log-dir {run_dir}"], capture_output=True, text=True).stdout.split()
+    left = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if str(run_dir / ".copilot-lb" / "pool") in cmd:
+            left.append((d.name, cmd[:200]))
     assert not left, f"CLIs left running: {left}"
 
 
