@@ -64,9 +64,11 @@ if ! command -v copilot >/dev/null 2>&1; then
   fi
   export PATH="$CLI_DIR/bin:$PATH"
 fi
-say "Copilot CLI: $(command -v copilot)"
+# The CLI unpacks its runtime (~235 MB, under HOME or COPILOT_CACHE_HOME) on its first start:
+# do that once here, so three CLIs starting together never race on it.
+say "Copilot CLI: $(command -v copilot) ($(COPILOT_AUTO_UPDATE=false copilot --version </dev/null 2>&1 | head -1))"
 
 CONFIG="${COPILOT_LB_CONFIG:-$REPO/config/copilot-lb.yaml}"
 say "serving: copilot-lb serve --config $CONFIG $*"
-say "SDK apps: cliUrl 127.0.0.1:4321 (see the README's Quick start); stop with Ctrl-C"
+say "SDK apps: cliUrl = the config's listener (127.0.0.1:4321 unless --listen says otherwise); stop with Ctrl-C"
 exec "$BIN" serve --config "$CONFIG" "$@"

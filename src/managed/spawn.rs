@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// What one start of one CLI needs.
-#[derive(Debug, Clone)]
+/// What one start of one CLI needs. No `Debug`: its environment holds the token.
+#[derive(Clone)]
 pub(crate) struct Launch {
     /// The guardian's executable (this copilot-lb binary).
     pub(crate) guard_exe: PathBuf,
@@ -58,7 +58,15 @@ pub(crate) fn cli_env(
     // HOME stays the operator's: the CLI keeps its unpacked runtime under it, ~200 MB that
     // every CLI of the pool shares instead of unpacking its own.
     env.push(("HOME".into(), lookup("HOME").unwrap_or_else(|| home.into())));
-    for v in ["LANG", "LC_ALL", "TMPDIR", "TZ"] {
+    // Not secrets, and where the shared runtime lives.
+    for v in [
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "TZ",
+        "COPILOT_CACHE_HOME",
+        "XDG_CACHE_HOME",
+    ] {
         if let Some(x) = lookup(v) {
             env.push((v.into(), x));
         }
