@@ -196,19 +196,27 @@ fn main() -> Result<()> {
             session_id,
         } => {
             let cfg = load(&path)?;
+            // A managed pool's CLIs rank by their names; their ports are chosen at start.
+            let list: Vec<(String, f64, String)> = match &cfg.managed {
+                Some(m) => m
+                    .names()
+                    .into_iter()
+                    .map(|n| (n, 1.0, "managed".to_string()))
+                    .collect(),
+                None => cfg
+                    .backends
+                    .iter()
+                    .map(|b| (b.name().to_string(), b.weight, b.address.value.clone()))
+                    .collect(),
+            };
             let order = copilot_lb::balance::rank(
                 &session_id,
-                cfg.backends.iter().map(|b| (b.name(), b.weight)),
+                list.iter().map(|(n, w, _)| (n.as_str(), *w)),
             );
             for (n, i) in order.iter().enumerate() {
-                let b = &cfg.backends[*i];
-                let score = copilot_lb::balance::score(b.name(), b.weight, &session_id);
-                println!(
-                    "{}. {} ({}) score={score:.6}",
-                    n + 1,
-                    b.name(),
-                    b.address.value
-                );
+                let (name, weight, address) = &list[*i];
+                let score = copilot_lb::balance::score(name, *weight, &session_id);
+                println!("{}. {name} ({address}) score={score:.6}", n + 1);
             }
             Ok(())
         }

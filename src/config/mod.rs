@@ -951,6 +951,41 @@ mod tests {
     }
 
     #[test]
+    fn a_managed_pool_implies_shared_storage_and_names_its_backends() {
+        let h = format!("sha256:{}", "0".repeat(64));
+        let y = format!("managed:\n  count: 2\n  env_pass: [COPILOT_GITHUB_TOKEN]\ntenants:\n  - name: t\n    token_hashes: [\"{h}\"]\n    backends: [cli-2]\n");
+        let c = Config::from_yaml(&y, "t").unwrap();
+        let m = c.managed.as_ref().unwrap();
+        assert_eq!(m.names(), ["cli-1", "cli-2"]);
+        assert_eq!(m.command.value, "copilot");
+        assert!(c.sessions.shared_storage);
+        assert_eq!(c.sessions.policy(), FailoverPolicy::Reassign);
+        assert!(
+            c.backends.is_empty(),
+            "the pool's backends are added at start"
+        );
+        let e = Config::from_yaml(&y.replace("cli-2]", "cli-3]"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown backend \"cli-3\""), "{e}");
+        let e = Config::from_yaml("managed:\n  count: 1\n  wat: 1\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wat"), "{e}");
+        let e = Config::from_yaml(
+            "managed: {count: 1, restart_backoff: 2s, max_restart_backoff: 1s, name_prefix: \"a b\"}\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("max_restart_backoff must be >= restart_backoff")
+                && e.contains("name_prefix"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_field_is_rejected_with_line() {
         let err = Config::from_yaml("backends:\n  - address: 127.0.0.1:1\n    wieght: 2\n", "t")
             .unwrap_err()
