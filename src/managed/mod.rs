@@ -317,6 +317,9 @@ impl Prepared {
             marker: self.home.display().to_string(),
         });
         info!(count = sup.children.len(), command = %base.command.display(), home = %self.home.display(), "managed pool starting");
+        // The pool's first starts go one at a time: a CLI's first start on a machine unpacks
+        // its runtime (~235 MB) into a cache every CLI shares, which they must not race on.
+        let first_start = Arc::new(tokio::sync::Semaphore::new(1));
         for (child, rx) in sup.children.iter().zip(receivers) {
             let Some(b) = shared.pool.get(&child.name) else {
                 continue;
@@ -329,6 +332,7 @@ impl Prepared {
                 base.clone(),
                 spawner.clone(),
                 rx,
+                first_start.clone(),
             ));
             sup.tasks
                 .lock()
@@ -438,7 +442,13 @@ async fn supervise(
     base: Arc<Base>,
     spawner: Arc<Spawner>,
     mut ctl: mpsc::Receiver<Ctl>,
+    first_start: Arc<tokio::sync::Semaphore>,
 ) {
+    // Held until this CLI's first start is ready or failed (bounded by start_timeout).
+    let mut first_turn = tokio::select! {
+        p = first_start.acquire_owned() => p.ok(),
+        _ = sup.stop.cancelled() => None,
+    };
     let cfg = &sup.cfg;
     let grace = cfg.stop_timeout.0;
     let mut failures: u32 = 0;
@@ -468,6 +478,7 @@ async fn supervise(
         let mut proc = match spawner.spawn(launch).await {
             Ok(s) => s.child,
             Err(e) => {
+                drop(first_turn.take());
                 error!(backend = %child.name, error = %e, "managed CLI could not be started");
                 if let Some(w) = waiting.take() {
                     let _ = w.send(Err(format!("could not be started: {e}")));
@@ -505,6 +516,7 @@ async fn supervise(
             tokio::select! {
                 r = &mut ready, if !is_ready => {
                     is_ready = true;
+                    drop(first_turn.take());
                     match r {
                         Ok(took) => {
                             mark_up(&sup.shared, &b, "managed CLI answered its first probe");
@@ -546,6 +558,7 @@ async fn supervise(
                 _ = sup.stop.cancelled() => break false,
             }
         };
+        drop(first_turn.take());
         b.set_process(crate::backend::ProcessInfo {
             pid: 0,
             restarts: starts - 1,
