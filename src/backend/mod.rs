@@ -110,13 +110,6 @@ pub struct ProcessInfo {
 #[derive(Debug)]
 pub struct Busy(Arc<Backend>);
 
-impl Busy {
-    /// The backend the work runs on.
-    pub fn backend(&self) -> &Backend {
-        &self.0
-    }
-}
-
 impl Drop for Busy {
     fn drop(&mut self) {
         let _ = self

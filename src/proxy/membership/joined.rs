@@ -29,8 +29,11 @@ impl Joined {
 #[derive(Debug)]
 struct Turn {
     _slot: TurnSlot,
-    /// Counts the turn as work on the backend it was sent to (a rolling restart waits for it).
-    on: Option<crate::backend::Busy>,
+    /// The backend it was last sent to (none yet: held, or waiting for a slot).
+    sent_to: Option<std::sync::Arc<crate::backend::Backend>>,
+    /// Counts the turn as work on that backend if it is a managed CLI (a rolling restart
+    /// waits for it).
+    _on: Option<crate::backend::Busy>,
     /// Sent on a session this connection has not joined: its events go to whichever
     /// connection did, so the turn is counted until the send is answered.
     until_reply: bool,
@@ -95,7 +98,8 @@ impl Membership {
             sid.to_string(),
             Turn {
                 _slot: slot,
-                on: None,
+                sent_to: None,
+                _on: None,
                 until_reply,
             },
         );
@@ -108,7 +112,8 @@ impl Membership {
         backend: &std::sync::Arc<crate::backend::Backend>,
     ) {
         if let Some(t) = self.turns.get_mut(sid) {
-            t.on = Some(backend.begin_work());
+            t._on = backend.managed.then(|| backend.begin_work());
+            t.sent_to = Some(backend.clone());
         }
     }
 
@@ -134,7 +139,7 @@ impl Membership {
             .filter(|(sid, t)| {
                 // A turn not yet sent anywhere (held while its backend quiesced, or waiting
                 // for a slot) was not lost: it goes wherever its session moves.
-                let sent_there = t.on.as_ref().is_some_and(|b| b.backend().name == backend);
+                let sent_there = t.sent_to.as_ref().is_some_and(|b| b.name == backend);
                 !t.until_reply
                     && sent_there
                     && joined.get(*sid).is_some_and(|j| j.backend == backend)
@@ -327,10 +332,27 @@ mod tests {
         );
         let a = backend("a");
         m.turn_on("s", &a);
-        assert_eq!(a.busy(), 1, "a turn sent there is work on the backend");
+        assert_eq!(a.busy(), 0, "turns are counted on managed CLIs only");
+        let managed = {
+            let cfg =
+                crate::config::Config::from_yaml("backends:\n  - address: 127.0.0.1:2\n", "t")
+                    .unwrap();
+            let mut bc = cfg.backends[0].clone();
+            bc.managed = true;
+            std::sync::Arc::new(crate::backend::Backend::from_config(&bc).unwrap())
+        };
+        m.turn_on("s", &managed);
+        assert_eq!(
+            managed.busy(),
+            1,
+            "a turn sent to a managed CLI is work there"
+        );
+        m.turn_on("s", &a);
+        assert_eq!(managed.busy(), 0, "and moves with the turn");
+        assert_eq!(a.busy(), 0);
         assert_eq!(m.take_turns_on("b"), Vec::<String>::new());
         assert_eq!(m.take_turns_on("a"), vec!["s".to_string()]);
-        assert_eq!(a.busy(), 0, "and ends with the turn");
+
         assert!(m.take_turns_on("a").is_empty());
         assert_eq!(l.turns(), 0);
         assert!(!m.get("s").unwrap().needs_resume_on("a"));

@@ -68,7 +68,11 @@ impl ClientConn {
         {
             self.members().turn_on(sid, backend);
         }
-        req.on = Some(backend.begin_work());
+        // Requests are counted only where a rolling restart waits for them (a managed CLI),
+        // so the path to other backends touches no shared counter.
+        if backend.managed {
+            req.on = Some(backend.begin_work());
+        }
         let link = self.link(backend);
         match link.send_client(req).await {
             Ok(()) => Ok(()),
