@@ -121,7 +121,7 @@ struct Child {
 }
 
 /// A prepared pool: ports chosen, directories made, the backends to add to the config.
-pub struct Prepared {
+pub(crate) struct Prepared {
     cfg: ManagedConfig,
     command: PathBuf,
     guard_exe: PathBuf,
@@ -129,7 +129,7 @@ pub struct Prepared {
     lock: std::fs::File,
     children: Vec<(String, u16, PathBuf)>,
     /// The pool's backends, for [`Config::with_managed`] (at start and on every reload).
-    pub backends: Vec<BackendConfig>,
+    pub(crate) backends: Vec<BackendConfig>,
 }
 
 /// The running pool.
@@ -186,7 +186,7 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Chooses ports, makes the directories (one `COPILOT_HOME` per CLI whose `session-state`
 /// is a link to the pool's shared one) and takes the pool's lock. Nothing runs yet.
-pub fn prepare(cfg: &ManagedConfig) -> Result<Prepared, PoolError> {
+pub(crate) fn prepare(cfg: &ManagedConfig) -> Result<Prepared, PoolError> {
     let command = resolve(&cfg.command.value, std::env::var_os("PATH")).ok_or_else(|| {
         PoolError::CommandNotFound {
             command: cfg.command.value.clone(),
@@ -277,7 +277,7 @@ pub fn prepare(cfg: &ManagedConfig) -> Result<Prepared, PoolError> {
 impl Prepared {
     /// Starts every CLI (in the background; each becomes up once it answers a probe). The
     /// backends are marked down first so nothing is routed to a CLI that is not listening yet.
-    pub fn start(self, shared: &Arc<Shared>) -> Result<Arc<Supervisor>, PoolError> {
+    pub(crate) fn start(self, shared: &Arc<Shared>) -> Result<Arc<Supervisor>, PoolError> {
         let spawner =
             Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(PoolError::Thread)?);
         let missing: Vec<&str> = self
@@ -735,7 +735,7 @@ impl Supervisor {
 }
 
 /// The CLI's own process id: the first child of its guardian `pid` (0 when none).
-pub fn cli_pid_of(pid: u32) -> u32 {
+pub(crate) fn cli_pid_of(pid: u32) -> u32 {
     if pid == 0 {
         return 0;
     }
