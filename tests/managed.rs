@@ -529,3 +529,23 @@ fn restart_honours_the_admin_token_and_a_reload_keeps_the_pool() {
         "the admin token reached the log"
     );
 }
+
+#[tokio::test]
+async fn restart_without_a_managed_pool_is_refused() {
+    let f = common::fakes(1, false).await;
+    let (running, _addr) = common::proxy(common::config(&[f[0].addr()])).await;
+    let admin = running.admin_addr.unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "POST /api/backends/restart HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.starts_with("HTTP/1.1 409"), "{out}");
+    assert!(out.contains("no managed pool"), "{out}");
+    assert!(running.managed.is_none());
+}
