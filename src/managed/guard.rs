@@ -66,7 +66,8 @@ fn parse(args: Vec<OsString>) -> Result<GuardArgs, GuardError> {
     }
     let argv: Vec<OsString> = it.collect();
     match (parent, grace, argv.is_empty()) {
-        (Some(p), Some(g), false) if p > 1 => Ok(GuardArgs {
+        // 1 too: copilot-lb may be a container's init process.
+        (Some(p), Some(g), false) if p >= 1 => Ok(GuardArgs {
             parent: p,
             grace: Duration::from_millis(g),
             argv,
@@ -166,7 +167,7 @@ mod tests {
         assert_eq!(a.argv, os(&["copilot", "--x"]));
         for bad in [
             &["--parent", "42", "--grace-ms", "5000", "--"][..],
-            &["--parent", "1", "--grace-ms", "5", "--", "c"],
+            &["--parent", "0", "--grace-ms", "5", "--", "c"],
             &["--grace-ms", "5", "--", "c"],
             &["--parent", "x", "--grace-ms", "5", "--", "c"],
             &["--bogus", "--", "c"],
