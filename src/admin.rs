@@ -121,7 +121,7 @@ async fn rolling_restart(managed: Option<&crate::managed::Supervisor>) -> Respon
         Ok(done) => json_resp(StatusCode::OK, json!({"restarted": done})),
         Err(e) => {
             let status = match e {
-                RestartError::InProgress => StatusCode::CONFLICT,
+                RestartError::InProgress | RestartError::NoSpare { .. } => StatusCode::CONFLICT,
                 RestartError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };

@@ -197,6 +197,8 @@ pub(crate) fn prepare(cfg: &ManagedConfig) -> Result<Prepared, PoolError> {
             },
         }
     })?;
+    // The guardian is this very binary (`copilot-lb managed-child`): a program that embeds
+    // the library and starts a pool in-process would have to provide that subcommand too.
     let guard_exe = std::env::current_exe().map_err(PoolError::SelfExe)?;
     let home = absolute(&cfg.home);
     let mk = |p: &Path| {
