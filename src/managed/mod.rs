@@ -627,11 +627,12 @@ impl Supervisor {
             .rolling
             .try_lock()
             .map_err(|_| RestartError::InProgress)?;
-        let backends: Vec<Arc<Backend>> = self
+        // Each CLI with its backend, in the pool's order (a reload never removes them).
+        let (children, backends): (Vec<&Arc<Child>>, Vec<Arc<Backend>>) = self
             .children
             .iter()
-            .filter_map(|c| self.shared.pool.get(&c.name))
-            .collect();
+            .filter_map(|c| Some((c, self.shared.pool.get(&c.name)?)))
+            .unzip();
         let views: Vec<RestartView> = backends
             .iter()
             .map(|b| RestartView {
@@ -646,8 +647,7 @@ impl Supervisor {
             if self.stop.is_cancelled() {
                 return Err(RestartError::ShuttingDown);
             }
-            let b = &backends[i];
-            let child = &self.children[i];
+            let (b, child) = (&backends[i], children[i]);
             done.push(self.restart_one(child, b, &backends, i).await?);
         }
         info!(restarted = done.len(), "rolling restart done");
