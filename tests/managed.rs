@@ -107,10 +107,11 @@ impl Pool {
         std::fs::write(
             &cfg,
             format!(
-                "listeners: [{{listen: 127.0.0.1:{listen_port}}}]\nadmin: {{listen: 127.0.0.1:{admin_port}{}}}\nstate: {{kind: memory}}\nhealth: {{interval: 200ms, timeout: 500ms}}\nmanaged:\n  count: {count}\n  command: {cmd}\n  args: [{}]\n  home: {}\n  stop_timeout: 2s\n  start_timeout: 10s\n{extra}",
+                "listeners: [{{listen: 127.0.0.1:{listen_port}}}]\nadmin: {{listen: 127.0.0.1:{admin_port}{}}}\nstate: {{kind: memory}}\nhealth: {{interval: 200ms, timeout: 500ms}}\nmanaged:\n  count: {count}\n  command: {cmd}\n  args: [{}]\n  home: {}\n  stop_timeout: 2s\n{}{extra}",
                 if admin_token.is_some() { ", token_env: LB_ADMIN_TOKEN" } else { "" },
                 args.join(", "),
-                dir.path().join("pool").display()
+                dir.path().join("pool").display(),
+                if extra.contains("start_timeout") { "" } else { "  start_timeout: 10s\n" },
             ),
         )
         .unwrap();
@@ -548,4 +549,31 @@ async fn restart_without_a_managed_pool_is_refused() {
     assert!(out.starts_with("HTTP/1.1 409"), "{out}");
     assert!(out.contains("no managed pool"), "{out}");
     assert!(running.managed.is_none());
+}
+
+#[test]
+fn a_pool_of_one_refuses_a_rolling_restart() {
+    let pool = Pool::start(1, None, "  start_timeout: 1s\n");
+    let before = pool.all_up(1);
+    let t0 = Instant::now();
+    let (status, v) = pool.http("POST", "/api/backends/restart");
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no other CLI of the pool is up"),
+        "{v}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "it waited start_timeout for a spare"
+    );
+    // Nothing was touched: same process, still up, not left draining.
+    let after = pool.all_up(1);
+    assert_eq!(
+        before[0]["managed"]["cli_pid"],
+        after[0]["managed"]["cli_pid"]
+    );
+    assert_eq!(after[0]["draining"], false);
 }
