@@ -169,6 +169,20 @@ impl Pool {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    fn metrics(&self) -> String {
+        let Ok(mut s) = TcpStream::connect(&self.admin) else {
+            return String::new();
+        };
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
     fn backends(&self) -> Vec<Value> {
         let (_, v) = self.http("GET", "/api/backends");
         v["backends"].as_array().cloned().unwrap_or_default()
@@ -329,6 +343,11 @@ fn a_crashed_cli_is_restarted_with_a_new_token_and_serves_again() {
         log.contains("restarts after back-off backend=cli-1 in_ms=500"),
         "{log}"
     );
+    let m = pool.metrics();
+    assert!(
+        m.contains("copilot_lb_managed_restarts_total{backend=\"cli-1\",reason=\"exited\"} 1"),
+        "{m}"
+    );
     // Up means the proxy's probe passed with the CLI's new token; a client gets through.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -391,6 +410,12 @@ fn rolling_restart_renews_every_cli_one_at_a_time() {
         assert_ne!(a["managed"]["cli_pid"], b["managed"]["cli_pid"]);
         assert_eq!(a["address"], b["address"], "same port, same backend");
         assert_eq!(b["draining"], false, "undrained after its restart");
+    }
+    let m = pool.metrics();
+    for n in ["cli-1", "cli-2", "cli-3"] {
+        let want =
+            format!("copilot_lb_managed_restarts_total{{backend=\"{n}\",reason=\"rolling\"}} 1");
+        assert!(m.contains(&want), "{want}\n{m}");
     }
     // One at a time: each CLI was back before the next one went down.
     let log = pool.log();

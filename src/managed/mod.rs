@@ -573,8 +573,10 @@ async fn supervise(
         if restart_now {
             stop_child(&mut proc, grace).await;
             failures = 0;
+            sup.shared.metrics.managed_restart(&child.name, "rolling");
             continue;
         }
+        sup.shared.metrics.managed_restart(&child.name, "exited");
         // It exited (or never became ready): start it again after the back-off.
         stop_child(&mut proc, grace).await;
         let (f, delay) = plan::after_exit(
