@@ -109,7 +109,11 @@ fn main() {
     // committed figures.
     let bench = std::env::args().any(|a| a == "--bench");
     let n: usize = if bench { env_or("REG_N", 300) } else { 20 };
-    let calls: usize = if bench { env_or("REG_CALLS", 5000) } else { 200 };
+    let calls: usize = if bench {
+        env_or("REG_CALLS", 5000)
+    } else {
+        200
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

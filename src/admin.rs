@@ -17,7 +17,11 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 /// Serves the admin API until shutdown.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    managed: Option<Arc<crate::managed::Supervisor>>,
+) {
     if let Ok(a) = listener.local_addr() {
         info!(listen = %a, "admin API listening");
     }
@@ -33,10 +37,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         let recent = recent.clone();
+        let managed = managed.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 let recent = recent.clone();
+                let managed = managed.clone();
                 async move {
                     if let Err(resp) = same_origin(&req) {
                         return Ok::<_, Infallible>(resp);
@@ -44,9 +50,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                     if let Err(resp) = authorize(&shared, &req) {
                         return Ok::<_, Infallible>(resp);
                     }
+                    let restart = req.method() == Method::POST
+                        && req.uri().path().trim_end_matches('/') == "/api/backends/restart";
                     let resp = match delete_target(&req) {
                         Some(Some(sid)) => delete(&shared, &sid).await,
                         Some(None) => bad_segment(),
+                        None if restart => rolling_restart(managed.as_deref()).await,
                         None => handle(&shared, &recent, req),
                     };
                     Ok::<_, Infallible>(resp)
@@ -116,7 +125,35 @@ fn backend_json(b: &crate::backend::Backend) -> serde_json::Value {
         "consecutive_failures": st.consecutive_failures,
         "consecutive_successes": st.consecutive_successes,
         "health_history": history,
+        "managed": b.managed.then(|| {
+            let p = b.process();
+            json!({"pid": p.pid, "cli_pid": crate::managed::cli_pid_of(p.pid), "restarts": p.restarts})
+        }),
     })
+}
+
+/// `POST /api/backends/restart`: the managed pool's rolling restart, answered when it ends.
+async fn rolling_restart(managed: Option<&crate::managed::Supervisor>) -> Response<Full<Bytes>> {
+    use crate::managed::RestartError;
+    let Some(m) = managed else {
+        return json_resp(
+            StatusCode::CONFLICT,
+            json!({"error": "no managed pool: copilot-lb restarts only the CLIs it runs itself (managed:); restart external backends by draining them"}),
+        );
+    };
+    info!("admin: rolling restart of the managed pool requested");
+    match m.rolling_restart().await {
+        Ok(done) => json_resp(StatusCode::OK, json!({"restarted": done})),
+        Err(e) => {
+            let status = match e {
+                RestartError::InProgress | RestartError::NoSpare { .. } => StatusCode::CONFLICT,
+                RestartError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            warn!(error = %e, "rolling restart failed");
+            json_resp(status, json!({"error": e.to_string()}))
+        }
+    }
 }
 
 fn query(req: &Request<Incoming>, key: &str) -> Option<usize> {
@@ -385,7 +422,8 @@ fn handle(
             json!({"error": format!("no route for {} {path}", req.method()),
                    "routes": ["GET / (status page)", "GET /api/status", "GET /livez", "GET /readyz", "GET /metrics", "GET /api/registry", "GET /api/backends",
                               "POST /api/backends/{name}/drain", "POST /api/backends/{name}/undrain",
-                              "GET /api/sessions?offset=&limit=", "DELETE /api/sessions/{id}", "POST /api/reload"]}),
+                              "GET /api/sessions?offset=&limit=", "DELETE /api/sessions/{id}", "POST /api/reload",
+                              "POST /api/backends/restart"]}),
         ),
     }
 }

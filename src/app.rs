@@ -60,6 +60,9 @@ pub enum StartError {
     /// A listener could not bind.
     #[error("{0}")]
     Bind(#[from] proxy::BindError),
+    /// The managed pool could not be prepared or started.
+    #[error("{0}")]
+    Managed(#[from] crate::managed::PoolError),
 }
 
 /// A running proxy: its shared state and the addresses it bound.
@@ -70,6 +73,8 @@ pub struct Running {
     pub listen_addrs: Vec<std::net::SocketAddr>,
     /// Bound admin address, if any.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// The managed pool, if the config has one.
+    pub managed: Option<Arc<crate::managed::Supervisor>>,
 }
 
 /// Binds everything and spawns the serving tasks on the current runtime; returns once
@@ -106,7 +111,23 @@ pub async fn start_on(
         };
         info!(threads = l.threads(), busy_poll = %busy, "event loops started");
     }
+    // The pool's ports and directories first: its CLIs are backends like the others.
+    let prepared = match &cfg.managed {
+        Some(m) => Some(crate::managed::prepare(m)?),
+        None => None,
+    };
+    let cfg = match &prepared {
+        Some(p) => cfg.with_managed(&p.backends),
+        None => cfg,
+    };
     let shared = Shared::new(cfg, loops)?;
+    let managed = match prepared {
+        Some(p) => {
+            shared.set_managed_backends(p.backends.clone());
+            Some(p.start(&shared)?)
+        }
+        None => None,
+    };
     if jsonrpc {
         proxy::warn_if_open(&shared);
     }
@@ -158,18 +179,19 @@ pub async fn start_on(
     let admin_addr = match admin {
         Some(l) => {
             let addr = l.local_addr().ok();
-            tokio::spawn(crate::admin::serve(shared.clone(), l));
+            tokio::spawn(crate::admin::serve(shared.clone(), l, managed.clone()));
             addr
         }
         None => None,
     };
     for b in shared.pool.all().iter() {
-        info!(backend = %b.name, address = %b.address, weight = b.weight, token = b.token().is_some(), "backend configured");
+        info!(backend = %b.name, address = %b.address, weight = b.weight, token = b.managed || b.token().is_some(), managed = b.managed, "backend configured");
     }
     Ok(Running {
         shared,
         listen_addrs,
         admin_addr,
+        managed,
     })
 }
 
@@ -196,6 +218,9 @@ pub async fn run(cfg: Config, source: Option<(PathBuf, Overrides)>) -> Result<()
         }
     }
     graceful_shutdown(&shared).await;
+    if let Some(m) = &running.managed {
+        m.stop().await;
+    }
     Ok(())
 }
 

@@ -64,6 +64,9 @@ pub struct Shared {
     releases: DashMap<String, CancellationToken>,
     /// Admission of turns to backends with `max_concurrent_turns` (fair.rs).
     pub(crate) turn_gates: crate::fair::TurnGates,
+    /// The managed pool's backends, added to every reloaded config (the pool is not in the
+    /// file's `backends:`).
+    managed_backends: std::sync::Mutex<Vec<crate::config::BackendConfig>>,
 }
 
 /// What a reload changed.
@@ -130,6 +133,7 @@ impl Shared {
             loops,
             releases: DashMap::new(),
             turn_gates: Default::default(),
+            managed_backends: Default::default(),
         }))
     }
 
@@ -242,6 +246,14 @@ impl Shared {
             .render(self.pool.all().iter().map(|b| b.gauges()), registry)
     }
 
+    /// Remembers the managed pool's backends, for reloads.
+    pub fn set_managed_backends(&self, b: Vec<crate::config::BackendConfig>) {
+        *self
+            .managed_backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = b;
+    }
+
     /// Remembers the file and flags to re-read on reload.
     pub fn set_reload_source(&self, path: PathBuf, overrides: Overrides) {
         *self.reload_source.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, overrides));
@@ -259,11 +271,21 @@ impl Shared {
             return Err(ReloadError::NoSource);
         };
         let origin = path.display().to_string();
-        let cfg = Config::load(&path).and_then(|c| c.apply(&overrides, &origin))?;
+        let mut cfg = Config::load(&path).and_then(|c| c.apply(&overrides, &origin))?;
         for b in &cfg.backends {
             Config::backend_token(b).map_err(BackendError::Token)?;
         }
         let old = self.config();
+        cfg.keep_managed(&old);
+        let managed = self
+            .managed_backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let cfg = cfg.with_managed(&managed);
+        // Again with the pool's backends in: a file that dropped `managed:` for `backends:`
+        // cannot be mixed into the running pool.
+        cfg.validate(&origin)?;
         if old
             .listeners
             .iter()

@@ -17,6 +17,7 @@ mod fair;
 pub mod health;
 mod history;
 mod hygiene;
+pub mod managed;
 mod metrics;
 mod policy;
 mod proxy;

@@ -77,6 +77,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Rolling restart of the managed CLI pool through the admin API (drain, move sessions,
+    /// restart, wait healthy, undrain; one CLI at a time). Waits until it is done.
+    Restart {
+        /// Config whose admin.listen and admin.token_env to use (default: as for serve).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Admin API HOST:PORT (overrides the config's admin.listen).
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Print the hash of a client token, for tenants[].token_hashes (reads stdin if no arg).
     HashToken {
         /// The token (prefer stdin so it stays out of shell history).
@@ -107,7 +117,43 @@ fn admin_view(view: View, args: &status_cli::AdminArgs) -> Result<()> {
     }
 }
 
+/// `POST path` to the admin API over plain HTTP/1.1; returns the status code and body.
+fn admin_post(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("the admin API sent no HTTP status")?;
+    Ok((status, body.to_string()))
+}
+
 fn main() -> Result<()> {
+    // The guardian of a managed CLI (started by the pool, never by hand): its arguments are
+    // the CLI's own command line, which clap must not interpret.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).and_then(|a| a.to_str()) == Some(copilot_lb::managed::guard::SUBCOMMAND) {
+        match copilot_lb::managed::guard::run(args[2..].to_vec()) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("copilot-lb {}: {e}", copilot_lb::managed::guard::SUBCOMMAND);
+                std::process::exit(2);
+            }
+        }
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Status { admin } => admin_view(View::Status, &admin),
@@ -171,8 +217,13 @@ fn main() -> Result<()> {
                     problems.push(e);
                 }
             }
+            let pool = cfg
+                .managed
+                .as_ref()
+                .map(|m| format!(", a managed pool of {}", m.count.value))
+                .unwrap_or_default();
             println!(
-                "{}: ok ({} listener(s), {} backend(s))",
+                "{}: ok ({} listener(s), {} backend(s){pool})",
                 file.display(),
                 cfg.listeners.len(),
                 cfg.backends.len()
@@ -187,19 +238,27 @@ fn main() -> Result<()> {
             session_id,
         } => {
             let cfg = load(&path)?;
+            // A managed pool's CLIs rank by their names; their ports are chosen at start.
+            let list: Vec<(String, f64, String)> = match &cfg.managed {
+                Some(m) => m
+                    .names()
+                    .into_iter()
+                    .map(|n| (n, 1.0, "managed".to_string()))
+                    .collect(),
+                None => cfg
+                    .backends
+                    .iter()
+                    .map(|b| (b.name().to_string(), b.weight, b.address.value.clone()))
+                    .collect(),
+            };
             let order = copilot_lb::balance::rank(
                 &session_id,
-                cfg.backends.iter().map(|b| (b.name(), b.weight)),
+                list.iter().map(|(n, w, _)| (n.as_str(), *w)),
             );
             for (n, i) in order.iter().enumerate() {
-                let b = &cfg.backends[*i];
-                let score = copilot_lb::balance::score(b.name(), b.weight, &session_id);
-                println!(
-                    "{}. {} ({}) score={score:.6}",
-                    n + 1,
-                    b.name(),
-                    b.address.value
-                );
+                let (name, weight, address) = &list[*i];
+                let score = copilot_lb::balance::score(name, *weight, &session_id);
+                println!("{}. {name} ({address}) score={score:.6}", n + 1);
             }
             Ok(())
         }
@@ -216,6 +275,38 @@ fn main() -> Result<()> {
             };
             // Piped into `head` or `grep -q`: a reader that stops early is not an error.
             print(&text)
+        }
+        Cmd::Restart {
+            config: path,
+            admin,
+        } => {
+            let file = path.or_else(config::default_path);
+            let cfg = match &file {
+                Some(p) => Some(load(p)?),
+                None => None,
+            };
+            let admin_cfg = cfg.as_ref().and_then(|c| c.admin.as_ref());
+            let addr = match (admin, admin_cfg) {
+                (Some(a), _) => a,
+                (None, Some(a)) => a.listen.value.clone(),
+                (None, None) => {
+                    bail!("no admin address: give --admin HOST:PORT or a config with admin.listen")
+                }
+            };
+            let token =
+                match admin_cfg.and_then(|a| a.token_env.as_ref()) {
+                    Some(var) => Some(std::env::var(var).with_context(|| {
+                        format!("admin.token_env names {var}, which is not set")
+                    })?),
+                    None => None,
+                };
+            eprintln!("rolling restart of the managed pool via {addr} (one CLI at a time; this takes a while)...");
+            let (status, body) = admin_post(&addr, "/api/backends/restart", token.as_deref())?;
+            print!("{body}");
+            if status != 200 {
+                bail!("rolling restart failed (HTTP {status})");
+            }
+            Ok(())
         }
         Cmd::HashToken { token } => {
             let token = match token {

@@ -35,6 +35,15 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+/// Why a managed CLI was started again.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestartLabels {
+    /// Backend name.
+    pub backend: String,
+    /// `exited` (it exited or never became ready) or `rolling` (a rolling restart).
+    pub reason: &'static str,
+}
+
 /// Passive failure labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
@@ -100,6 +109,8 @@ pub struct Metrics {
     failovers: Family<BackendLabels, Counter>,
     /// Sessions that could not fail over (policy fail, or resume refused).
     failover_failures: Family<BackendLabels, Counter>,
+    /// Managed CLIs started again, by reason.
+    managed_restarts: Family<RestartLabels, Counter>,
     /// Health probe latency (seconds).
     probe_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
     /// Health probe failures.
@@ -193,6 +204,7 @@ impl Metrics {
             backend_links: Family::default(),
             failovers: Family::default(),
             failover_failures: Family::default(),
+            managed_restarts: Family::default(),
             probe_duration: Family::new_with_constructor(latency_histogram),
             probe_failures: Family::default(),
             passive_failures: Family::default(),
@@ -284,6 +296,11 @@ impl Metrics {
             "failovers",
             "Sessions moved to another backend by failover, by old backend",
             m.failovers.clone(),
+        );
+        registry.register(
+            "managed_restarts",
+            "Managed CLIs started again, by backend and reason (exited, rolling)",
+            m.managed_restarts.clone(),
         );
         registry.register(
             "failover_failures",
@@ -403,6 +420,16 @@ impl Metrics {
     pub fn failover(&self, from: &str) {
         self.failovers.get_or_create(&backend(from)).inc();
         bump(&self.totals.failovers);
+    }
+
+    /// Counts a managed CLI started again.
+    pub fn managed_restart(&self, b: &str, reason: &'static str) {
+        self.managed_restarts
+            .get_or_create(&RestartLabels {
+                backend: b.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// Counts a session that could not fail over from `from`.

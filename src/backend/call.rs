@@ -161,7 +161,7 @@ impl Backend {
     ) -> Result<(), CallError> {
         let mut params = serde_json::Map::new();
         if let Some(t) = self.token() {
-            params.insert("token".into(), Value::String(t.to_string()));
+            params.insert("token".into(), Value::String(t.as_str().to_string()));
         }
         if telemetry {
             params.insert("enableGitHubTelemetryForwarding".into(), Value::Bool(true));

@@ -58,8 +58,11 @@ pub struct Backend {
     pub max_sessions: Option<u64>,
     /// A copilot-lb edge rather than a CLI (`backends[].edge`).
     pub edge: bool,
-    /// The CLI's connection token, held by the proxy only.
-    token: Option<String>,
+    /// The CLI's connection token, held by the proxy only. Swapped when a managed CLI is
+    /// restarted with a fresh one (links opened from then on use it).
+    token: arc_swap::ArcSwapOption<String>,
+    /// Whether a managed pool supervises this CLI (its token and process are the pool's).
+    pub managed: bool,
     /// TLS towards this backend, if configured.
     pub tls: Option<Arc<crate::tls::ClientTlsStore>>,
     health: AtomicU8,
@@ -83,6 +86,39 @@ pub struct Backend {
     drained_logged: AtomicBool,
     /// The drain flag of the config file last applied.
     config_drain: AtomicBool,
+    /// Requests written to it and unanswered, plus turns running on it: what a rolling
+    /// restart waits to reach zero before it stops the CLI.
+    busy: AtomicU64,
+    /// Set while a rolling restart empties it: requests for its sessions wait (bounded) and
+    /// then fail over, instead of starting work that the stop would cut.
+    quiescing: AtomicBool,
+    /// Signalled when `quiescing` is cleared.
+    quiesce_done: Notify,
+    /// The managed CLI's process, for the admin API.
+    process: Mutex<ProcessInfo>,
+}
+
+/// A managed CLI's process as the admin API shows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessInfo {
+    /// Its guardian's process id (0 while not running).
+    pub pid: u32,
+    /// Starts after the first.
+    pub restarts: u64,
+}
+
+/// Work in progress on a backend (a request awaiting its reply, or a turn): counted in
+/// [`Backend::busy`] while this lives.
+#[derive(Debug)]
+pub struct Busy(Arc<Backend>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
 }
 
 /// One health observation.
@@ -202,7 +238,12 @@ impl Backend {
             weight: b.weight,
             max_sessions: b.max_sessions,
             edge: b.edge,
-            token: Config::backend_token(b).map_err(BackendError::Token)?,
+            token: arc_swap::ArcSwapOption::from(
+                Config::backend_token(b)
+                    .map_err(BackendError::Token)?
+                    .map(Arc::new),
+            ),
+            managed: b.managed,
             tls: match &b.tls {
                 Some(t) => Some(Arc::new(crate::tls::ClientTlsStore::load(t).map_err(
                     |source| BackendError::Tls {
@@ -224,13 +265,68 @@ impl Backend {
             state_changed: Notify::new(),
             drained_logged: AtomicBool::new(false),
             config_drain: AtomicBool::new(b.drain),
+            busy: AtomicU64::new(0),
+            quiescing: AtomicBool::new(false),
+            quiesce_done: Notify::new(),
+            process: Mutex::new(ProcessInfo::default()),
         })
         .inspect(|b| b.set_draining(cfg_drain))
     }
 
     /// The connection token for this CLI, if it requires one.
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
+    pub fn token(&self) -> Option<Arc<String>> {
+        self.token.load_full()
+    }
+
+    /// Replaces the connection token (a managed CLI restarted with a fresh one).
+    pub fn set_token(&self, token: Option<String>) {
+        self.token.store(token.map(Arc::new));
+    }
+
+    /// The managed CLI's process (all zero for other backends).
+    pub fn process(&self) -> ProcessInfo {
+        *self.process.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the managed CLI's process.
+    pub fn set_process(&self, p: ProcessInfo) {
+        *self.process.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Counts a request or turn on it until the returned guard is dropped.
+    pub fn begin_work(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// Requests in flight and turns running on it.
+    pub fn busy(&self) -> u64 {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Whether a rolling restart is emptying it (its sessions' requests wait, then move).
+    pub fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::Acquire)
+    }
+
+    /// Starts or ends quiescing; ending it wakes every request waiting on it.
+    pub fn set_quiescing(&self, on: bool) {
+        self.quiescing.store(on, Ordering::Release);
+        if !on {
+            self.quiesce_done.notify_waiters();
+        }
+    }
+
+    /// Waits until quiescing ends, at most `limit`.
+    pub async fn quiesced(&self, limit: std::time::Duration) {
+        let wait = self.quiesce_done.notified();
+        tokio::pin!(wait);
+        // Registered before the check, so a clear in between is not missed.
+        wait.as_mut().enable();
+        if !self.quiescing() {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     /// Effective state: down wins over draining.

@@ -88,11 +88,16 @@ impl Pool {
         let mut added = Vec::new();
         for b in &cfg.backends {
             let keep = old.iter().find(|o| {
+                // A managed CLI's token belongs to its supervisor, not to the file.
+                let token_same = o.managed
+                    || o.token().as_deref().map(String::as_str)
+                        == Config::backend_token(b).ok().flatten().as_deref();
                 o.name == b.name()
+                    && o.managed == b.managed
                     && o.address == b.address.value
                     && o.weight == b.weight
                     && o.max_sessions == b.max_sessions
-                    && o.token.as_deref() == Config::backend_token(b).ok().flatten().as_deref()
+                    && token_same
             });
             match keep {
                 Some(o) => {

@@ -8,10 +8,14 @@ use std::collections::HashSet;
 impl Config {
     /// Parses YAML text; `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
+        if cfg.managed.is_some() {
+            // The pool's CLIs share one session-state directory: failover resumes sessions.
+            cfg.sessions.shared_storage = true;
+        }
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -56,6 +60,7 @@ impl Config {
                     tls: None,
                     max_concurrent_turns: None,
                     edge: false,
+                    managed: false,
                 })
                 .collect();
         }
@@ -184,8 +189,9 @@ impl Config {
                     t.name.value
                 ));
             }
+            let managed_names = self.managed.as_ref().map(|m| m.names()).unwrap_or_default();
             for b in &t.backends {
-                if !self.backends.iter().any(|x| x.name() == b) {
+                if !self.backends.iter().any(|x| x.name() == b) && !managed_names.contains(b) {
                     problems.push(format!(
                         "{w}: tenant {:?} names unknown backend {b:?}",
                         t.name.value
@@ -290,6 +296,9 @@ impl Config {
             problems.push("health.interval and health.timeout must be positive".into());
         }
         self.routing.check(&mut problems);
+        if let Some(m) = &self.managed {
+            m.check(&self.backends, &mut problems);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -298,6 +307,33 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// Keeps the running pool's `managed:` block across a reload: the pool is built at
+    /// start-up only, so a changed, added or removed block is reported and ignored.
+    pub fn keep_managed(&mut self, old: &Config) {
+        let same = match (&old.managed, &self.managed) {
+            (Some(o), Some(n)) => format!("{o:?}") == format!("{n:?}"),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            tracing::warn!("managed: changes take effect only after a restart of copilot-lb; the running pool is kept as it is");
+        }
+        self.managed = old.managed.clone();
+        if self.managed.is_some() {
+            self.sessions.shared_storage = true;
+        }
+    }
+
+    /// Adds a managed pool's backends (built by its supervisor) to a validated config: the
+    /// same on every reload, so the pool's CLIs never look removed.
+    pub fn with_managed(mut self, backends: &[BackendConfig]) -> Config {
+        if self.managed.is_some() {
+            self.backends.extend(backends.iter().cloned());
+            self.sessions.shared_storage = true;
+        }
+        self
     }
 
     /// Reads every backend's connection token from its env var or file.
@@ -550,6 +586,87 @@ impl RoutingConfig {
                     )),
                 }
             }
+        }
+    }
+}
+
+impl super::ManagedConfig {
+    /// What is wrong with `managed:`.
+    fn check(&self, file_backends: &[BackendConfig], p: &mut Vec<String>) {
+        let at = |l: serde_saphyr::Location| {
+            if l == serde_saphyr::Location::UNKNOWN {
+                "managed".to_string()
+            } else {
+                format!("line {}, column {}", l.line(), l.column())
+            }
+        };
+        let w = at(self.count.referenced);
+        if !(1..=64).contains(&self.count.value) {
+            p.push(format!("{w}: managed.count must be between 1 and 64"));
+        }
+        if self.command.value.trim().is_empty() {
+            p.push(format!(
+                "{}: managed.command must not be empty",
+                at(self.command.referenced)
+            ));
+        }
+        let prefix_ok = !self.name_prefix.is_empty()
+            && self
+                .name_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !prefix_ok {
+            p.push(format!(
+                "{w}: managed.name_prefix {:?} must be letters, digits, - or _",
+                self.name_prefix
+            ));
+        }
+        if let Some(b) = file_backends.iter().find(|b| !b.managed) {
+            p.push(format!(
+                "{w}: managed and backends cannot be combined (backend {:?}): the pool's CLIs share a session-state directory other backends cannot read; run the other CLIs as a separate copilot-lb",
+                b.name()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for v in &self.env_pass {
+            let valid = v
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                p.push(format!(
+                    "{w}: managed.env_pass: {v:?} is not an environment variable name"
+                ));
+            } else if super::MANAGED_RESERVED_ENV.contains(&v.as_str()) {
+                p.push(format!(
+                    "{w}: managed.env_pass: {v} is set by copilot-lb itself"
+                ));
+            } else if !seen.insert(v.as_str()) {
+                p.push(format!(
+                    "{w}: managed.env_pass: {v} is listed more than once"
+                ));
+            }
+        }
+        if self.max_sessions == Some(0) || self.max_concurrent_turns == Some(0) {
+            p.push(format!(
+                "{w}: managed.max_sessions and max_concurrent_turns must be >= 1"
+            ));
+        }
+        for (name, d) in [
+            ("start_timeout", self.start_timeout),
+            ("stop_timeout", self.stop_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("restart_backoff", self.restart_backoff),
+        ] {
+            if d.0.is_zero() {
+                p.push(format!("{w}: managed.{name} must be more than 0"));
+            }
+        }
+        if self.max_restart_backoff.0 < self.restart_backoff.0 {
+            p.push(format!(
+                "{w}: managed.max_restart_backoff must be >= restart_backoff"
+            ));
         }
     }
 }

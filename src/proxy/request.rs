@@ -36,6 +36,9 @@ pub(crate) struct ClientReq {
     pub(crate) attempts: u8,
     /// Backends that could not be reached for it, never tried again (creates, global calls).
     pub(crate) avoid: Vec<String>,
+    /// Counts it as work on the backend it was last forwarded to until it is answered (the
+    /// request is dropped then), so a rolling restart waits for it.
+    pub(crate) on: Option<crate::backend::Busy>,
 }
 
 impl ClientReq {
@@ -125,6 +128,7 @@ pub(crate) fn intake(body: Bytes, max_depth: usize, routing: &RoutingConfig) -> 
                 fresh: false,
                 attempts: 0,
                 avoid: Vec::new(),
+                on: None,
             };
             // Only the few methods with session fields beyond `params.sessionId` pay for a
             // parse of their params; a refused request needs none.

@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+/// Longest a request waits for a quiescing backend (a rolling restart ends quiescing after
+/// at most `managed.drain_timeout`; this only guards against a restart that never returns).
+const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(600);
+
 impl ClientConn {
     /// Sends a request to `b`, re-routing it if `b` cannot take it.
     pub(super) async fn send(self: &Arc<Self>, b: Arc<Backend>, req: ClientReq) {
@@ -108,9 +112,13 @@ impl ClientConn {
             None => self.shared.pool.first_serving(&sid),
         };
         match here {
-            Some(b) if b.state() != State::Down && !self.must_rejoin(&sid, &b) => {
+            Some(b)
+                if b.state() != State::Down && !b.quiescing() && !self.must_rejoin(&sid, &b) =>
+            {
                 self.send(b, req).await
             }
+            // Quiescing (a rolling restart empties it): the failover task waits, holding the
+            // session's later requests in order, then moves the session once it is down.
             _ => self.start_failover(req, None).await,
         }
     }
@@ -223,6 +231,16 @@ impl ClientConn {
         suspect: Option<&str>,
     ) -> Result<Arc<Backend>, Refusal> {
         let cfg = self.shared.config();
+        if let Some(b) = self
+            .shared
+            .sessions
+            .get(sid)
+            .and_then(|p| self.shared.pool.get(&p.backend))
+            .filter(|b| b.quiescing())
+        {
+            // Bounded by the restart's own drain_timeout, which ends quiescing in any case.
+            b.quiesced(QUIESCE_WAIT_MAX).await;
+        }
         let deadline = crate::config::deadline_after(cfg.sessions.detect_timeout());
         let tenant = self.tenant();
         let mut unreachable: Vec<String> = Vec::new();

@@ -29,6 +29,11 @@ impl Joined {
 #[derive(Debug)]
 struct Turn {
     _slot: TurnSlot,
+    /// The backend it was last sent to (none yet: held, or waiting for a slot).
+    sent_to: Option<std::sync::Arc<crate::backend::Backend>>,
+    /// Counts the turn as work on that backend if it is a managed CLI (a rolling restart
+    /// waits for it).
+    _on: Option<crate::backend::Busy>,
     /// Sent on a session this connection has not joined: its events go to whichever
     /// connection did, so the turn is counted until the send is answered.
     until_reply: bool,
@@ -93,9 +98,23 @@ impl Membership {
             sid.to_string(),
             Turn {
                 _slot: slot,
+                sent_to: None,
+                _on: None,
                 until_reply,
             },
         );
+    }
+
+    /// The turn running on `sid` was sent to `backend` (again, after a failover).
+    pub(in crate::proxy) fn turn_on(
+        &mut self,
+        sid: &str,
+        backend: &std::sync::Arc<crate::backend::Backend>,
+    ) {
+        if let Some(t) = self.turns.get_mut(sid) {
+            t._on = backend.managed.then(|| backend.begin_work());
+            t.sent_to = Some(backend.clone());
+        }
     }
 
     /// The session's `session.idle` or `session.error` arrived.
@@ -111,22 +130,19 @@ impl Membership {
         }
     }
 
-    /// The sessions on `backend` with a turn running, each ended; except those `moving`
-    /// (a failover holds their requests, so the send that started the turn has not been
-    /// written anywhere yet and goes to the session's new backend).
-    pub(in crate::proxy) fn take_turns_on(
-        &mut self,
-        backend: &str,
-        moving: impl Fn(&str) -> bool,
-    ) -> Vec<String> {
+    /// The sessions on `backend` with a turn running there, each ended.
+    pub(in crate::proxy) fn take_turns_on(&mut self, backend: &str) -> Vec<String> {
         let joined = &self.joined;
         let lost: Vec<String> = self
             .turns
             .iter()
             .filter(|(sid, t)| {
+                // A turn not yet sent anywhere (held while its backend quiesced, or waiting
+                // for a slot) was not lost: it goes wherever its session moves.
+                let sent_there = t.sent_to.as_ref().is_some_and(|b| b.name == backend);
                 !t.until_reply
+                    && sent_there
                     && joined.get(*sid).is_some_and(|j| j.backend == backend)
-                    && !moving(sid)
             })
             .map(|(sid, _)| sid.clone())
             .collect();
@@ -301,10 +317,20 @@ mod tests {
         assert!(m.in_turn("left"), "a joined turn outlives its send's reply");
         m.leave("left");
         m.turn_answered("stray", false);
-        assert_eq!(m.take_turns_on("a", |_| false), vec!["lost".to_string()]);
+        m.turn_on("lost", &backend("a"));
+        assert_eq!(m.take_turns_on("a"), vec!["lost".to_string()]);
         assert_eq!(l.turns(), 1);
         m.drain();
         assert_eq!(l.turns(), 0);
+    }
+
+    fn backend(name: &str) -> std::sync::Arc<crate::backend::Backend> {
+        let cfg = crate::config::Config::from_yaml(
+            &format!("backends:\n  - name: {name}\n    address: 127.0.0.1:1\n"),
+            "t",
+        )
+        .unwrap();
+        std::sync::Arc::new(crate::backend::Backend::from_config(&cfg.backends[0]).unwrap())
     }
 
     #[test]
@@ -314,11 +340,34 @@ mod tests {
         assert!(m.join("s", "a", None));
         assert!(!m.join("s", "a", None));
         m.start_turn("s", l.try_turn().unwrap());
-        assert_eq!(m.take_turns_on("b", |_| false), Vec::<String>::new());
-        // A session being failed over: its send waits for the move, so no turn is lost.
-        assert!(m.take_turns_on("a", |sid| sid == "s").is_empty());
-        assert_eq!(m.take_turns_on("a", |_| false), vec!["s".to_string()]);
-        assert!(m.take_turns_on("a", |_| false).is_empty());
+        assert!(
+            m.take_turns_on("a").is_empty(),
+            "a turn not sent yet is not lost with the backend"
+        );
+        let a = backend("a");
+        m.turn_on("s", &a);
+        assert_eq!(a.busy(), 0, "turns are counted on managed CLIs only");
+        let managed = {
+            let cfg =
+                crate::config::Config::from_yaml("backends:\n  - address: 127.0.0.1:2\n", "t")
+                    .unwrap();
+            let mut bc = cfg.backends[0].clone();
+            bc.managed = true;
+            std::sync::Arc::new(crate::backend::Backend::from_config(&bc).unwrap())
+        };
+        m.turn_on("s", &managed);
+        assert_eq!(
+            managed.busy(),
+            1,
+            "a turn sent to a managed CLI is work there"
+        );
+        m.turn_on("s", &a);
+        assert_eq!(managed.busy(), 0, "and moves with the turn");
+        assert_eq!(a.busy(), 0);
+        assert_eq!(m.take_turns_on("b"), Vec::<String>::new());
+        assert_eq!(m.take_turns_on("a"), vec!["s".to_string()]);
+
+        assert!(m.take_turns_on("a").is_empty());
         assert_eq!(l.turns(), 0);
         assert!(!m.get("s").unwrap().needs_resume_on("a"));
         m.link_lost("a");

@@ -188,9 +188,7 @@ impl ClientConn {
     /// Tells the client, as a `session.error` event, that a turn in progress died with its
     /// backend: an SDK waiting in `send_and_wait` fails at once instead of at its timeout.
     pub(super) async fn turns_lost(&self, backend: &str, reason: &str) {
-        let lost = self
-            .members()
-            .take_turns_on(backend, |sid| self.holds.get(sid).is_some());
+        let lost = self.members().take_turns_on(backend);
         for sid in lost {
             let event = json!({
                 "sessionId": sid,

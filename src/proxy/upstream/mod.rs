@@ -56,10 +56,22 @@ impl ClientConn {
     pub(super) async fn forward(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
-        req: ClientReq,
+        mut req: ClientReq,
     ) -> Result<(), ClientReq> {
         if backend.state() == State::Down {
             return Err(req);
+        }
+        if let Some(sid) = req
+            .session
+            .as_deref()
+            .filter(|_| crate::proxy::membership::joined::starts_turn(&req.method))
+        {
+            self.members().turn_on(sid, backend);
+        }
+        // Requests are counted only where a rolling restart waits for them (a managed CLI),
+        // so the path to other backends touches no shared counter.
+        if backend.managed {
+            req.on = Some(backend.begin_work());
         }
         let link = self.link(backend);
         match link.send_client(req).await {
