@@ -416,7 +416,13 @@ async fn a_client_that_never_reads_does_not_pin_its_connection() {
     within(Duration::from_secs(30), async {
         use tokio::io::AsyncWriteExt;
         let f = fakes(1, false).await;
-        let (running, addr) = proxy(config(&[f[0].addr()])).await;
+        // The wait for its last replies is bounded by shutdown_timeout (then 5 s for the
+        // writer): set short, so the test does not depend on how much of the stream the
+        // kernel's socket buffers happen to absorb (with room for all of it, the stream ends
+        // and nothing is in flight; without, the bound is what frees the connection).
+        let mut cfg = config(&[f[0].addr()]);
+        cfg.limits.shutdown_timeout = copilot_lb::config::Millis(Duration::from_secs(3));
+        let (running, addr) = proxy(cfg).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut wire = Vec::new();
         for (id, m, p) in [
