@@ -710,3 +710,11 @@ def start_redis(run_dir: Path, port: int | None = None, timeout: float = 10.0) -
     """Start `redis-server` on a free loopback port with its own temp dir; stop() at teardown."""
     port = port or free_port()
     return Redis(port=port, run_dir=Path(run_dir), proc=_spawn_redis(port, run_dir, timeout))
+
+
+def hash_token(tok: str) -> str:
+    """A tenant's token_hashes entry for `tok`, as `copilot-lb hash-token` prints it (stdin, so
+    the token never lands in an argv)."""
+    out = subprocess.run([str(proxy_bin()), "hash-token"], input=tok + "\n", capture_output=True,
+                         text=True, check=True, timeout=10)
+    return out.stdout.strip()

@@ -47,6 +47,14 @@ async def connected(url: str, token: str | None = None, fast_close: bool = False
         await close_client(client, fast=fast_close)
 
 
+def model_kwargs(model: harness.FakeModel, tools=None, **extra) -> dict:
+    """session_kwargs for a test that holds the fake model itself rather than a Cluster."""
+    class _Holder:
+        def provider(self) -> dict:
+            return model.provider()
+    return session_kwargs(_Holder(), tools, **extra)
+
+
 def session_kwargs(cluster: harness.Cluster, tools=None, **extra) -> dict:
     """create_session / resume_session kwargs: BYOK fake model (needed on create AND resume)."""
     kw = dict(model=MODEL, provider=cluster.provider(), on_permission_request=PermissionHandler.approve_all)

@@ -12,7 +12,6 @@ measure_sidecar.py. Not a test module itself.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
@@ -28,10 +27,6 @@ NONCE = uuid.uuid4().hex[:8]
 TENANT_TOKEN = f"sidecar-tok-{NONCE}"
 SEND_TIMEOUT_S = 60
 N_SESSIONS = 4
-
-
-def token_hash(tok: str) -> str:
-    return "sha256:" + hashlib.sha256(tok.encode()).hexdigest()
 
 
 @dataclass
@@ -129,7 +124,7 @@ def edge_config(stack: Stack, port: int, admin_port: int) -> str:
              "backends:"]
     for b in stack.backends:
         lines += [f"  - name: cli-{b.index + 1}", f"    address: {b.addr}"]
-    lines += ["tenants:", "  - name: team-a", f"    token_hashes: [\"{token_hash(TENANT_TOKEN)}\"]",
+    lines += ["tenants:", "  - name: team-a", f"    token_hashes: [\"{harness.hash_token(TENANT_TOKEN)}\"]",
               "sessions:", "  shared_storage: true", "  failover: reassign",
               "health:", "  interval: 500ms", "  timeout: 1s", "  rise: 2", "  fall: 3",
               "limits:", "  shutdown_timeout: 20s",

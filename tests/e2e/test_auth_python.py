@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
 import time
 import uuid
 
@@ -27,12 +26,6 @@ pytestmark = pytest.mark.e2e
 NONCE = uuid.uuid4().hex[:8]
 CLI_TOKEN = f"cli-secret-{NONCE}"
 TOKENS = {"team-a": f"tok-a-{NONCE}", "team-b": f"tok-b-{NONCE}"}
-
-
-def hash_token(tok: str) -> str:
-    out = subprocess.run([str(harness.proxy_bin()), "hash-token"], input=tok + "\n", capture_output=True,
-                         text=True, check=True)
-    return out.stdout.strip()
 
 
 def start_lb(run_dir, name: str, config: str, env_extra: dict | None = None, port: int | None = None):
@@ -83,10 +76,10 @@ backends:
 tenants:
   - name: team-a
     identities: ["spiffe://test/team-a"]
-    token_hashes: ["{hash_token(TOKENS['team-a'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['team-a'])}"]
   - name: team-b
     identities: ["spiffe://test/team-b"]
-    token_hashes: ["{hash_token(TOKENS['team-b'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['team-b'])}"]
 """
     edge, edge_port = start_lb(run_dir, "edge", edge_cfg, {"CLI_TOKEN": CLI_TOKEN})
     procs.append(edge)

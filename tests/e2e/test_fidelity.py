@@ -24,7 +24,6 @@ COPILOT_LB_E2E_DIRECT=1 the "proxy" rounds go to the CLI as well (validates the 
 """
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass

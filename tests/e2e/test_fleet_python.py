@@ -21,7 +21,6 @@ test uses its own session ids.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import subprocess
@@ -50,10 +49,6 @@ FOREIGN = -32012        # another tenant's session (or no record of it)
 UNAVAILABLE = -32011    # retryable: no backend, or the registry cannot answer
 SESSION_LIMIT = -32013  # a tenant's or a backend's max_sessions
 SYNC_INTERVAL_MS = 500  # state.sync_interval of every replica: live counts are exchanged this often
-
-
-def token_hash(tok: str) -> str:
-    return "sha256:" + hashlib.sha256(tok.encode()).hexdigest()  # what `copilot-lb hash-token` prints
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,7 +112,7 @@ def replica_config(pool: Pool, redis: harness.Redis, port: int, admin_port: int,
             lines.append(f"    max_sessions: {backend_caps[name]}")
     lines += ["tenants:"]
     for tenant, tok in TOKENS.items():
-        lines += [f"  - name: {tenant}", f"    token_hashes: [\"{token_hash(tok)}\"]"]
+        lines += [f"  - name: {tenant}", f"    token_hashes: [\"{harness.hash_token(tok)}\"]"]
         if tenant in (tenant_caps or {}):
             lines.append(f"    max_sessions: {tenant_caps[tenant]}")
     lines += [

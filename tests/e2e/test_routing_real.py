@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import pytest
@@ -17,26 +16,12 @@ import pytest
 import harness
 from conftest import run
 from rawrpc import RawClient
-from sdkutil import connected, session_kwargs
+from sdkutil import connected, model_kwargs
 
 pytestmark = pytest.mark.e2e
 
 NONCE = uuid.uuid4().hex[:8]
 TOKENS = {"a": f"tok-a-{NONCE}", "b": f"tok-b-{NONCE}"}
-
-
-def hash_token(tok: str) -> str:
-    out = subprocess.run([str(harness.proxy_bin()), "hash-token"], input=tok + "\n", capture_output=True,
-                         text=True, check=True)
-    return out.stdout.strip()
-
-
-class _Provider:  # session_kwargs wants something with provider()
-    def __init__(self, model):
-        self.model = model
-
-    def provider(self):
-        return self.model.provider()
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +35,9 @@ def edge(e2e_install, tmp_path_factory, request):
     cfg.write_text(f"""
 tenants:
   - name: a
-    token_hashes: ["{hash_token(TOKENS['a'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['a'])}"]
   - name: b
-    token_hashes: ["{hash_token(TOKENS['b'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['b'])}"]
 routing:
   allow_global: [user.settings.get, lbtest.notACliMethod]
 """)
@@ -118,7 +103,7 @@ def test_a_secondary_session_field_must_name_the_callers_own_session(edge):
     a_sid, b_sid = str(uuid.uuid4()), f"b-{NONCE}"
 
     async def go():
-        kw = session_kwargs(_Provider(edge["model"]))
+        kw = model_kwargs(edge["model"])
         async with connected(edge["proxy"].addr, token=TOKENS["a"]) as ca, \
                 connected(edge["proxy"].addr, token=TOKENS["b"]) as cb:
             await ca.create_session(session_id=a_sid, **kw)

@@ -17,7 +17,6 @@ session_patterns) and c (max_sessions: 3). Each test is the attack the issue des
 """
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import pytest
@@ -25,27 +24,13 @@ import pytest
 import harness
 from conftest import run
 from rawrpc import RawClient
-from sdkutil import connected, echo, list_ids, recall, reply_text, session_kwargs
+from sdkutil import connected, echo, list_ids, model_kwargs, recall, reply_text
 
 pytestmark = pytest.mark.e2e
 
 NONCE = uuid.uuid4().hex[:8]
 TOKENS = {t: f"tok-{t}-{NONCE}" for t in ("a", "b", "c")}
 CLI_TOKEN = f"cli-{NONCE}"
-
-
-def hash_token(tok: str) -> str:
-    out = subprocess.run([str(harness.proxy_bin()), "hash-token"], input=tok + "\n", capture_output=True,
-                         text=True, check=True, timeout=10)
-    return out.stdout.strip()
-
-
-class _Provider:  # session_kwargs wants something with provider()
-    def __init__(self, model):
-        self.model = model
-
-    def provider(self):
-        return self.model.provider()
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +45,11 @@ def edge(e2e_install, tmp_path_factory, request):
                    + "sessions:\n  shared_storage: true\n  failover: reassign\n"
                    + f"""tenants:
   - name: a
-    token_hashes: ["{hash_token(TOKENS['a'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['a'])}"]
   - name: b
-    token_hashes: ["{hash_token(TOKENS['b'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['b'])}"]
   - name: c
-    token_hashes: ["{hash_token(TOKENS['c'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['c'])}"]
     max_sessions: 3
 """)
     proxy = harness.start_proxy([], run_dir, extra_args=["--config", str(cfg)],
@@ -76,7 +61,7 @@ def edge(e2e_install, tmp_path_factory, request):
             b.stop()
         model.stop()
     request.addfinalizer(fin)
-    return {"proxy": proxy, "backends": backends, "kw": session_kwargs(_Provider(model))}
+    return {"proxy": proxy, "backends": backends, "kw": model_kwargs(model)}
 
 
 def proxy_refusal(reply: dict) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import harness
 from conftest import run
 from sdkutil import connected, reply_text, session_kwargs
-from test_auth_python import hash_token, start_lb
+from test_auth_python import start_lb
 
 pytestmark = pytest.mark.e2e
 
@@ -51,9 +51,9 @@ backends:
     address: {backends[0].addr}
 tenants:
   - name: locked
-    token_hashes: ["{hash_token(TOKENS['locked'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['locked'])}"]
   - name: shell
-    token_hashes: ["{hash_token(TOKENS['shell'])}"]
+    token_hashes: ["{harness.hash_token(TOKENS['shell'])}"]
     allow_shell: true
 """
     lb, port = start_lb(run_dir, "lb", cfg)
