@@ -11,7 +11,7 @@ use copilot_lb::rpc;
 use serde_json::json;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 use test_support::redis::{RedisServer, SentinelGroup};
 
@@ -47,16 +47,7 @@ impl Proc {
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
-            .args(["serve", "--config"])
-            .arg(cfg)
-            .args(["--listen", &addr.to_string(), "--state-path"])
-            .arg(state)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_serve(cfg, addr, state);
         let until = Instant::now() + Duration::from_secs(15);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             assert!(Instant::now() < until, "copilot-lb did not listen");

@@ -8,26 +8,12 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
-
-fn spawn(cfg: &Path, addr: SocketAddr, state: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .args(["--listen", &addr.to_string(), "--state-path"])
-        .arg(state)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn copilot-lb")
-}
 
 /// One client's connect + ping; the error kind when it could not be served.
 async fn one_ping(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
@@ -66,7 +52,7 @@ async fn a_restart_beside_the_old_process_refuses_no_connection() {
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut old = spawn(&cfg, addr, &dir.path().join("old.redb"));
+        let mut old = spawn_serve(&cfg, addr, &dir.path().join("old.redb"));
         assert!(
             eventually(Duration::from_secs(15), || std::net::TcpStream::connect(addr).is_ok())
                 .await,
@@ -118,7 +104,7 @@ async fn a_restart_beside_the_old_process_refuses_no_connection() {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The new process binds beside the old one; it must be up before the old one goes.
-        let mut new = spawn(&cfg, addr, &dir.path().join("new.redb"));
+        let mut new = spawn_serve(&cfg, addr, &dir.path().join("new.redb"));
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             new.try_wait().unwrap().is_none(),

@@ -112,7 +112,6 @@ impl Client {
     }
 
     /// A client on a stream the caller connected (to observe how the connect itself went).
-    #[allow(dead_code)]
     pub fn from_stream(s: TcpStream) -> Client {
         s.set_nodelay(true).unwrap();
         let (r, w) = s.into_split();
@@ -495,4 +494,23 @@ pub fn names(fakes: &[FakeCli]) -> Vec<String> {
 /// Shared storage handle, for tests that build fakes by hand.
 pub fn storage() -> Arc<Storage> {
     Storage::new()
+}
+
+/// `copilot-lb serve` as a child process (the built binary) on `cfg`, client listener `addr`
+/// and embedded registry file `state`, its output discarded. The caller reaps it.
+pub fn spawn_serve(
+    cfg: &std::path::Path,
+    addr: SocketAddr,
+    state: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_copilot-lb"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .args(["--listen", &addr.to_string(), "--state-path"])
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn copilot-lb")
 }
