@@ -66,6 +66,10 @@ fn envelope_benches(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("parse", name), &body, |b, body| {
             b.iter(|| envelope::parse(black_box(body)).unwrap().kind)
         });
+        // What a frame from a backend costs: the structural walk.
+        g.bench_with_input(BenchmarkId::new("parse_backend", name), &body, |b, body| {
+            b.iter(|| envelope::parse_backend(black_box(body)).unwrap().kind)
+        });
     }
     let env = envelope::parse(REQUEST).unwrap();
     let span = env.id_span.unwrap();

@@ -140,7 +140,7 @@ pub async fn request(
             .await
             .map_err(CallError::Read)?
             .ok_or(CallError::Closed)?;
-        let Ok(env) = crate::envelope::parse(&f) else {
+        let Ok(env) = crate::envelope::parse_backend(&f) else {
             continue;
         };
         if env.kind == crate::envelope::Kind::Response && env.id_u64() == Some(id) {

@@ -8,6 +8,9 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
+mod fast;
+pub use fast::parse_fast;
+
 /// What kind of JSON-RPC message a frame holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -321,6 +324,15 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         params_is_object,
         is_error: raw.error,
     })
+}
+
+/// The envelope of a frame from a backend: the structural walk when it is sure, the full
+/// parse otherwise (see [`parse_fast`] for why only backend frames take this path).
+pub fn parse_backend(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
+    match parse_fast(body) {
+        Some(e) => Ok(e),
+        None => parse(body),
+    }
 }
 
 /// Accepts what the CLI accepts: strings and integers in the signed 64-bit range.
