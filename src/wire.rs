@@ -31,12 +31,78 @@ pub fn quickack(stream: &tokio::net::tcp::OwnedReadHalf) {
 #[cfg(not(target_os = "linux"))]
 pub fn quickack(_stream: &tokio::net::tcp::OwnedReadHalf) {}
 
+/// One frame's body as a writer sends it: whole, or with one byte range (an id) replaced.
+/// A rewritten id costs three slices of the same buffer instead of a copy of the body: for a
+/// 32 MiB frame that copy and its fresh pages were a tenth of the time through the proxy.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    parts: [Bytes; 3],
+}
+
+impl Frame {
+    /// The body as it is.
+    pub fn whole(body: Bytes) -> Frame {
+        Frame {
+            parts: [body, Bytes::new(), Bytes::new()],
+        }
+    }
+
+    /// `body` with the bytes in `span` replaced by `with`.
+    pub fn spliced(body: &Bytes, span: (usize, usize), with: Bytes) -> Frame {
+        Frame {
+            parts: [body.slice(..span.0), with, body.slice(span.1..)],
+        }
+    }
+
+    /// Length of the body on the wire.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body as one buffer (a copy only when it was spliced).
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.parts {
+            [b, m, t] if m.is_empty() && t.is_empty() => b.clone(),
+            [b, m, t] => {
+                let mut v = Vec::with_capacity(self.len());
+                v.extend_from_slice(b);
+                v.extend_from_slice(m);
+                v.extend_from_slice(t);
+                Bytes::from(v)
+            }
+        }
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(b: Bytes) -> Frame {
+        Frame::whole(b)
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(b: Vec<u8>) -> Frame {
+        Frame::whole(Bytes::from(b))
+    }
+}
+
+impl From<String> for Frame {
+    fn from(b: String) -> Frame {
+        Frame::whole(Bytes::from(b))
+    }
+}
+
 /// Writes framed bodies from `rx` until the channel closes or a write fails.
 pub async fn writer<W: AsyncWrite + Unpin>(
     w: W,
     mut rx: mpsc::Receiver<Bytes>,
 ) -> std::io::Result<()> {
-    writer_with(w, &mut rx, Some).await
+    writer_with(w, &mut rx, |b| Some(Frame::whole(b))).await
 }
 
 /// Like [`writer`], but turns each queued item into a body with `prepare` just before it is
@@ -48,7 +114,7 @@ pub async fn writer_with<W, T, F>(
 ) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
-    F: FnMut(T) -> Option<Bytes>,
+    F: FnMut(T) -> Option<Frame>,
 {
     let mut buf: Vec<u8> = Vec::new();
     while let Some(item) = rx.recv().await {
@@ -59,8 +125,7 @@ where
             continue;
         }
         buf.clear();
-        write_header(&mut buf, body.len());
-        buf.extend_from_slice(&body);
+        append(&mut buf, &body);
         while buf.len() < BATCH_LIMIT {
             let more = match rx.try_recv() {
                 Ok(item) => match prepare(item) {
@@ -70,10 +135,7 @@ where
                 Err(e) => Err(e),
             };
             match more {
-                Ok(more) if more.len() <= COPY_LIMIT => {
-                    write_header(&mut buf, more.len());
-                    buf.extend_from_slice(&more);
-                }
+                Ok(more) if more.len() <= COPY_LIMIT => append(&mut buf, &more),
                 Ok(more) => {
                     w.write_all(&buf).await?;
                     buf.clear();
@@ -98,23 +160,137 @@ where
     Ok(())
 }
 
-async fn write_big<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> std::io::Result<()> {
+fn append(buf: &mut Vec<u8>, f: &Frame) {
+    write_header(buf, f.len());
+    for p in &f.parts {
+        buf.extend_from_slice(p);
+    }
+}
+
+/// Header and parts in vectored writes until all are out: no copy of a big body.
+async fn write_big<W: AsyncWrite + Unpin>(w: &mut W, body: &Frame) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(32);
     write_header(&mut head, body.len());
-    let (mut h, mut b) = (&head[..], body);
-    while !h.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(h), IoSlice::new(b)])
-            .await?;
+    let mut parts: [&[u8]; 4] = [&head, &body.parts[0], &body.parts[1], &body.parts[2]];
+    let mut first = 0;
+    while first < parts.len() {
+        if parts[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let slices: Vec<IoSlice<'_>> = parts[first..]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if n < h.len() {
-            h = &h[n..];
-        } else {
-            b = &b[n - h.len()..];
-            h = &[];
+        for p in parts[first..].iter_mut() {
+            let take = n.min(p.len());
+            *p = &p[take..];
+            n -= take;
+            if n == 0 {
+                break;
+            }
         }
     }
-    w.write_all(b).await
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Takes at most `max` bytes per write, so every partial-write branch runs.
+    struct Trickle {
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut left = self.max;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(left);
+                self.out.extend_from_slice(&b[..take]);
+                left -= take;
+                n += take;
+                if left == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_header(&mut v, body.len());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn spliced_frames_go_out_as_if_copied_big_or_small() {
+        let small = Bytes::from_static(br#"{"jsonrpc":"2.0","id":7,"result":1}"#);
+        let mut big = br#"{"jsonrpc":"2.0","id":7,"result":""#.to_vec();
+        big.resize(COPY_LIMIT + 1000, b'x');
+        big.extend_from_slice(b"\"}");
+        let big = Bytes::from(big);
+        for max in [1, 7, 4096, usize::MAX] {
+            let (tx, mut rx) = mpsc::channel(8);
+            for b in [&small, &big, &small] {
+                let f = Frame::spliced(b, (22, 23), Bytes::from_static(b"12345"));
+                tx.send(f).await.unwrap();
+            }
+            drop(tx);
+            let mut w = Trickle {
+                out: Vec::new(),
+                max,
+            };
+            writer_with(&mut w, &mut rx, Some).await.unwrap();
+            let mut want = Vec::new();
+            for b in [&small, &big, &small] {
+                want.extend(framed(&crate::envelope::splice(b, (22, 23), b"12345")));
+            }
+            assert_eq!(w.out.len(), want.len(), "max {max}");
+            assert!(w.out == want, "max {max}");
+        }
+    }
+
+    #[test]
+    fn a_frame_knows_its_length_and_bytes() {
+        let b = Bytes::from_static(b"abcdef");
+        let f = Frame::spliced(&b, (1, 3), Bytes::from_static(b"XYZ"));
+        assert_eq!(f.len(), 7);
+        assert_eq!(&f.to_bytes()[..], b"aXYZdef");
+        assert_eq!(&Frame::whole(b.clone()).to_bytes()[..], b"abcdef");
+    }
 }

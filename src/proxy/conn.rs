@@ -9,8 +9,9 @@ use crate::auth::Tenant;
 use crate::codec::{CodecError, FrameReader};
 use crate::context::{ClientHandle, Shared};
 use crate::route::Route;
+use crate::rpc;
 use crate::tls::ServerTlsStore;
-use crate::{rpc, wire};
+use crate::wire::{self, Frame};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
@@ -40,7 +41,7 @@ pub(crate) struct ClientConn {
     pub(super) shared: Arc<Shared>,
     /// Cancelled when the client goes away; every link is a child of it.
     pub(super) cancel: CancellationToken,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::Sender<Frame>,
     /// Byte budget of `out` (`limits.max_queued_reply_bytes`); closed when the writer ends.
     out_budget: Arc<tokio::sync::Semaphore>,
     /// The budget's size: a larger frame takes all of it.
@@ -107,7 +108,7 @@ async fn run<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (out_tx, out_rx) = mpsc::channel::<Bytes>(1024);
+    let (out_tx, out_rx) = mpsc::channel::<Frame>(1024);
     let out_limit = shared
         .config()
         .limits
@@ -143,7 +144,7 @@ async fn run<R, W>(
     let budget = out_budget.clone();
     let writer = tokio::spawn(async move {
         let mut out_rx = out_rx;
-        let res = wire::writer_with(w, &mut out_rx, |body: Bytes| {
+        let res = wire::writer_with(w, &mut out_rx, |body: Frame| {
             budget.add_permits(body.len().clamp(1, out_limit));
             Some(body)
         })
@@ -327,7 +328,8 @@ impl ClientConn {
     }
 
     /// Queues a body for the client; a closed client just drops it.
-    pub(super) async fn send_to_client(&self, body: Bytes) {
+    pub(super) async fn send_to_client(&self, body: impl Into<Frame>) {
+        let body = body.into();
         self.shared.metrics.frame("client_out", body.len());
         // Closed budget: the client is gone, and so is the body.
         let cost = body.len().clamp(1, self.out_limit) as u32;

@@ -12,7 +12,8 @@ use crate::backend::{Backend, CallError};
 use crate::codec::FrameReader;
 use crate::context::Shared;
 use crate::envelope::{self, Kind};
-use crate::{rpc, wire};
+use crate::rpc;
+use crate::wire::{self, Frame};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -35,7 +36,7 @@ pub(crate) trait LinkOwner: Send + Sync + 'static {
         &self,
         link: &Arc<Link>,
         req: ClientReq,
-        body: &[u8],
+        body: &Bytes,
         span: (usize, usize),
         is_error: bool,
     ) -> impl Future<Output = ()> + Send;
@@ -403,13 +404,13 @@ async fn session<O: LinkOwner>(
     let shared_w = shared.clone();
     let writer = wire::writer_with(w, rx, move |msg| {
         let body = match msg {
-            LinkMsg::Raw(b) => b,
+            LinkMsg::Raw(b) => Frame::whole(b),
             LinkMsg::Client { pid } => {
                 let (body, span) = match link_w.lock().pending.get_mut(&pid) {
                     Some(Pending::Client(req)) => (std::mem::take(&mut req.body), req.id_span),
                     _ => return None,
                 };
-                Bytes::from(envelope::splice(&body, span, pid.to_string().as_bytes()))
+                Frame::spliced(&body, span, Bytes::from(pid.to_string()))
             }
         };
         shared_w.metrics.frame("backend_out", body.len());
@@ -507,7 +508,7 @@ async fn oversized_reply<O: LinkOwner>(
 }
 
 async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &Arc<O>, body: Bytes) {
-    let env = match envelope::parse(&body) {
+    let env = match envelope::parse_backend(&body) {
         Ok(e) => e,
         Err(e) => {
             // The CLI answers a frame it could not parse with `id: null`. With one request
@@ -518,7 +519,7 @@ async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &Arc<O>, body: 
                     let head = r#"{"jsonrpc":"2.0","id":"#;
                     let out = format!(r#"{head}{},"error":{err}}}"#, meta.id.get());
                     let span = (head.len(), head.len() + meta.id.get().len());
-                    return owner.reply(link, meta, out.as_bytes(), span, true).await;
+                    return owner.reply(link, meta, &Bytes::from(out), span, true).await;
                 }
             }
             warn!(backend = %link.backend.name, error = %e, "unroutable frame from backend dropped");

@@ -11,6 +11,7 @@ use crate::backend::{Backend, State};
 use crate::envelope;
 use crate::route::Route;
 use crate::rpc;
+use crate::wire::Frame;
 use bytes::Bytes;
 use links::Upstream;
 use serde_json::value::RawValue;
@@ -205,7 +206,7 @@ impl LinkOwner for ClientConn {
         &self,
         link: &Arc<Link>,
         meta: ClientReq,
-        body: &[u8],
+        body: &Bytes,
         span: (usize, usize),
         is_error: bool,
     ) {
@@ -226,7 +227,7 @@ impl LinkOwner for ClientConn {
                 }
             }
         }
-        let out = envelope::splice(body, span, meta.id.get().as_bytes());
+        let out = Frame::spliced(body, span, Bytes::copy_from_slice(meta.id.get().as_bytes()));
         if let (Some(sid), true) = (&meta.session, starts_turn(&meta.method)) {
             self.members().turn_answered(sid, is_error);
         }
@@ -252,7 +253,7 @@ impl LinkOwner for ClientConn {
         self.shared
             .metrics
             .reply(meta.class(), result, meta.started);
-        self.send_to_client(Bytes::from(out)).await;
+        self.send_to_client(out).await;
     }
 
     async fn refuse(&self, req: ClientReq, code: i64, message: String, data: Value) {
