@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Request outcome labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +135,10 @@ pub struct Metrics {
     /// The frame counters of each direction, resolved once: a family lookup hashes the label
     /// under a lock, on every frame.
     dirs: Vec<(&'static str, Counter, Counter)>,
+    /// Request counters and latency histograms, resolved on first use for the same reason:
+    /// every forwarded request counted one and observed the other through a family lookup.
+    req_cache: [[OnceLock<Counter>; RESULTS.len()]; CLASSES.len()],
+    duration_cache: [OnceLock<Histogram>; CLASSES.len()],
     /// Label-free totals of the counters the status page charts (history.rs samples them):
     /// a family cannot be summed without encoding it, and these cost one relaxed add.
     totals: Totals,
@@ -178,6 +183,15 @@ pub struct RegistryGauges {
 }
 
 const DIRECTIONS: [&str; 4] = ["client_in", "client_out", "backend_in", "backend_out"];
+/// The route classes and results the cache above holds (others go through the family).
+const CLASSES: [&str; 9] = [
+    "session", "create", "resume", "delete", "detach", "list", "global", "local", "denied",
+];
+const RESULTS: [&str; 3] = ["ok", "error", "proxy_error"];
+
+fn position(list: &[&str], s: &str) -> Option<usize> {
+    list.iter().position(|c| *c == s)
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -217,6 +231,8 @@ impl Metrics {
             hygiene_lease: Gauge::default(),
             registry: Registry::default(),
             dirs: Vec::new(),
+            req_cache: Default::default(),
+            duration_cache: Default::default(),
             totals: Totals::default(),
         };
         let mut m = m;
@@ -362,9 +378,13 @@ impl Metrics {
 
     /// Counts one request outcome.
     pub fn request(&self, class: &'static str, result: &'static str) {
-        self.requests
-            .get_or_create(&ReqLabels { class, result })
-            .inc();
+        let labels = || ReqLabels { class, result };
+        match (position(&CLASSES, class), position(&RESULTS, result)) {
+            (Some(c), Some(r)) => self.req_cache[c][r]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            _ => self.requests.get_or_create(&labels()).inc(),
+        };
         bump(&self.totals.requests);
         match result {
             "proxy_error" => bump(&self.totals.refused),
@@ -403,9 +423,20 @@ impl Metrics {
     /// Counts one request outcome and, for a reply the backend gave, its latency.
     pub fn reply(&self, class: &'static str, result: &'static str, started: std::time::Instant) {
         self.request(class, result);
-        self.request_duration
-            .get_or_create(&ClassLabels { class })
-            .observe(started.elapsed().as_secs_f64());
+        let secs = started.elapsed().as_secs_f64();
+        match position(&CLASSES, class) {
+            Some(c) => self.duration_cache[c]
+                .get_or_init(|| {
+                    self.request_duration
+                        .get_or_create(&ClassLabels { class })
+                        .clone()
+                })
+                .observe(secs),
+            None => self
+                .request_duration
+                .get_or_create(&ClassLabels { class })
+                .observe(secs),
+        }
     }
 
     /// Counts a frame the proxy refused.
