@@ -91,8 +91,37 @@ pub enum RestartError {
         /// The CLI.
         name: String,
         /// What happened.
-        why: String,
+        why: StartError,
     },
+}
+
+/// Why a start of a CLI (its first, or one a rolling restart asked for) did not end with the
+/// CLI answering probes.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The guardian could not be forked.
+    #[error("could not be started: {0}")]
+    Spawn(std::io::Error),
+    /// No probe succeeded within `managed.start_timeout`.
+    #[error("not answering after {limit:?} ({})", last.as_ref().map_or_else(|| "no probe answered".to_string(), ToString::to_string))]
+    NotReady {
+        /// The bound waited.
+        limit: Duration,
+        /// The last probe's failure; none when no probe finished.
+        last: Option<crate::backend::CallError>,
+    },
+    /// The process ended first.
+    #[error("exited ({0}) before it was ready")]
+    Exited(String),
+    /// A newer restart request took this one's place.
+    #[error("superseded by another restart")]
+    Superseded,
+    /// The pool is stopping.
+    #[error("copilot-lb is shutting down")]
+    ShuttingDown,
+    /// The CLI's supervisor task is gone.
+    #[error("its supervisor stopped")]
+    SupervisorGone,
 }
 
 /// What a rolling restart did, per CLI in the order it went.
@@ -110,7 +139,7 @@ pub struct Restarted {
 
 enum Ctl {
     /// Stop the CLI and start it again (new token); answer once it is healthy.
-    Restart(oneshot::Sender<Result<(), String>>),
+    Restart(oneshot::Sender<Result<(), StartError>>),
 }
 
 struct Child {
@@ -394,17 +423,17 @@ fn mark_up(shared: &Shared, b: &Arc<Backend>, why: &str) {
 }
 
 /// Probes until the CLI answers (connect with its token, ping), at most `limit`.
-async fn until_ready(b: &Backend, limit: Duration) -> Result<Duration, String> {
+async fn until_ready(b: &Backend, limit: Duration) -> Result<Duration, StartError> {
     let started = Instant::now();
-    let mut last = String::from("no probe answered");
+    let mut last = None;
     while started.elapsed() < limit {
         match crate::health::probe(b, Duration::from_secs(1)).await {
             Ok(_) => return Ok(started.elapsed()),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(format!("not answering after {limit:?} ({last})"))
+    Err(StartError::NotReady { limit, last })
 }
 
 /// Copies one output stream of a CLI into the proxy's log, line by line, with its name.
@@ -456,7 +485,7 @@ async fn supervise(
     let grace = cfg.stop_timeout.0;
     let mut failures: u32 = 0;
     let mut starts: u64 = 0;
-    let mut waiting: Option<oneshot::Sender<Result<(), String>>> = None;
+    let mut waiting: Option<oneshot::Sender<Result<(), StartError>>> = None;
     loop {
         if sup.stop.is_cancelled() {
             break;
@@ -484,7 +513,7 @@ async fn supervise(
                 drop(first_turn.take());
                 error!(backend = %child.name, error = %e, "managed CLI could not be started");
                 if let Some(w) = waiting.take() {
-                    let _ = w.send(Err(format!("could not be started: {e}")));
+                    let _ = w.send(Err(StartError::Spawn(e)));
                 }
                 let (f, delay) = plan::after_exit(
                     failures,
@@ -545,14 +574,14 @@ async fn supervise(
                     }
                     warn!(backend = %child.name, status = %status, uptime_ms = started.elapsed().as_millis() as u64, "managed CLI exited");
                     if let Some(w) = waiting.take() {
-                        let _ = w.send(Err(format!("exited ({status}) before it was ready")));
+                        let _ = w.send(Err(StartError::Exited(status)));
                     }
                     break false;
                 }
                 m = ctl.recv() => match m {
                     Some(Ctl::Restart(reply)) => {
                         if let Some(w) = waiting.replace(reply) {
-                            let _ = w.send(Err("superseded by another restart".into()));
+                            let _ = w.send(Err(StartError::Superseded));
                         }
                         break true;
                     }
@@ -600,7 +629,7 @@ async fn supervise(
         }
     }
     if let Some(w) = waiting.take() {
-        let _ = w.send(Err("copilot-lb is shutting down".into()));
+        let _ = w.send(Err(StartError::ShuttingDown));
     }
     info!(backend = %child.name, "managed CLI stopped");
 }
@@ -710,10 +739,8 @@ impl Supervisor {
         b.set_quiescing(false);
         let (tx, rx) = oneshot::channel();
         let result = match child.ctl.send(Ctl::Restart(tx)).await {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err("its supervisor stopped".into())),
-            Err(_) => Err("its supervisor stopped".into()),
+            Ok(()) => rx.await.unwrap_or(Err(StartError::SupervisorGone)),
+            Err(_) => Err(StartError::SupervisorGone),
         };
         b.set_draining(was_draining);
         match result {
@@ -727,10 +754,7 @@ impl Supervisor {
                     drain_timed_out: timed_out,
                 })
             }
-            Err(why) if self.stop.is_cancelled() => {
-                let _ = why;
-                Err(RestartError::ShuttingDown)
-            }
+            Err(_) if self.stop.is_cancelled() => Err(RestartError::ShuttingDown),
             Err(why) => Err(RestartError::NotHealthy {
                 name: child.name.clone(),
                 why,

@@ -5,7 +5,7 @@
 //! connection manager, or the master the Redis Sentinels name) is made on first use, so the
 //! proxy starts while Redis is down.
 
-use super::redis_conn::{Conn, Target};
+use super::redis_conn::{Conn, Target, TargetError};
 use super::{Created, Moved, Record, Store, StoreError};
 use crate::affinity::SessionTable;
 use crate::backend::Pool;
@@ -194,8 +194,8 @@ fn parse_record(id: &str, flat: &[String]) -> Result<Option<Record>, StoreError>
 impl RedisStore {
     /// Builds the client from `state` (URL or sentinels, passwords from env or file);
     /// connects on first use.
-    pub(crate) fn new(cfg: &StateConfig) -> Result<RedisStore, String> {
-        let target = Target::new(cfg).map_err(|e| e.to_string())?;
+    pub(crate) fn new(cfg: &StateConfig) -> Result<RedisStore, TargetError> {
+        let target = Target::new(cfg)?;
         Ok(RedisStore {
             target,
             prefix: cfg.key_prefix().to_string(),
