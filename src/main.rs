@@ -117,30 +117,6 @@ fn admin_view(view: View, args: &status_cli::AdminArgs) -> Result<()> {
     }
 }
 
-/// `POST path` to the admin API over plain HTTP/1.1; returns the status code and body.
-fn admin_post(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("the admin API sent no HTTP status")?;
-    Ok((status, body.to_string()))
-}
-
 fn main() -> Result<()> {
     // The guardian of a managed CLI (started by the pool, never by hand): its arguments are
     // the CLI's own command line, which clap must not interpret.
@@ -301,7 +277,8 @@ fn main() -> Result<()> {
                     None => None,
                 };
             eprintln!("rolling restart of the managed pool via {addr} (one CLI at a time; this takes a while)...");
-            let (status, body) = admin_post(&addr, "/api/backends/restart", token.as_deref())?;
+            let (status, body) =
+                status_cli::admin_post(&addr, "/api/backends/restart", token.as_deref())?;
             print!("{body}");
             if status != 200 {
                 bail!("rolling restart failed (HTTP {status})");

@@ -1,9 +1,11 @@
 //! Loading a config: YAML with line and column in every error, command-line overrides, the
 //! semantic checks, and reading backend tokens from the environment or files.
 
+use super::tenants::tool_entry_problem;
 use super::*;
 use serde_saphyr::Spanned;
 use std::collections::HashSet;
+use std::path::Path;
 
 impl Config {
     /// Parses YAML text; `origin` names it in errors.
@@ -335,338 +337,80 @@ impl Config {
         }
         self
     }
-
-    /// Reads every backend's connection token from its env var or file.
-    pub fn backend_token(b: &BackendConfig) -> Result<Option<String>, TokenError> {
-        let backend = b.name().to_string();
-        if let Some(var) = &b.token_env {
-            return match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(TokenError::EnvEmpty {
-                    backend,
-                    var: var.clone(),
-                }),
-                Err(_) => Err(TokenError::EnvUnset {
-                    backend,
-                    var: var.clone(),
-                }),
-            };
-        }
-        if let Some(path) = &b.token_file {
-            return match std::fs::read_to_string(path) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-                Ok(_) => Err(TokenError::FileEmpty {
-                    backend,
-                    path: path.clone(),
-                }),
-                Err(source) => Err(TokenError::FileUnreadable {
-                    backend,
-                    path: path.clone(),
-                    source,
-                }),
-            };
-        }
-        Ok(None)
-    }
 }
 
-/// What is wrong with a `tenants[].tools` entry, if anything. The proxy intersects these with
-/// what a client asks for, so only the forms the CLI's tool filter itself knows are taken: a
-/// name, `source:name`, or a whole source `source:*`.
-fn tool_entry_problem(e: &str) -> Option<&'static str> {
-    let (source, name) = match e.split_once(':') {
-        Some((s, n)) => (Some(s), n),
-        None => (None, e),
-    };
-    if source.is_some_and(|s| !matches!(s, "builtin" | "mcp" | "custom")) {
-        return Some("has an unknown source (use builtin:, mcp: or custom:)");
-    }
-    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Some("is not a tool name");
-    }
-    if name.contains('*') && (name != "*" || source.is_none()) {
-        return Some("is a pattern; only a whole source is (builtin:*, mcp:* or custom:*)");
-    }
-    None
-}
+#[cfg(test)]
+mod tests {
+    use super::super::*;
 
-/// A backend's connection token could not be read. The token itself never appears here.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// `token_env` names a variable that is not set.
-    #[error("backend {backend:?}: environment variable {var} is not set")]
-    EnvUnset {
-        /// Backend name.
-        backend: String,
-        /// The variable.
-        var: String,
-    },
-    /// `token_env` names a variable that is empty.
-    #[error("backend {backend:?}: environment variable {var} is empty")]
-    EnvEmpty {
-        /// Backend name.
-        backend: String,
-        /// The variable.
-        var: String,
-    },
-    /// `token_file` is empty.
-    #[error("backend {backend:?}: token file {} is empty", path.display())]
-    FileEmpty {
-        /// Backend name.
-        backend: String,
-        /// The file.
-        path: std::path::PathBuf,
-    },
-    /// `token_file` cannot be read.
-    #[error("backend {backend:?}: cannot read token file {}: {source}", path.display())]
-    FileUnreadable {
-        /// Backend name.
-        backend: String,
-        /// The file.
-        path: std::path::PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-}
-
-impl super::StateConfig {
-    /// What is wrong with `state:` (settings that do not belong to its kind are refused, so a
-    /// typo'd kind never silently runs on another store).
-    fn problems(&self) -> Vec<String> {
-        use super::StateKind;
-        let mut p = Vec::new();
-        let redis_only = [
-            ("url", self.url.is_some()),
-            ("url_env", self.url_env.is_some()),
-            ("sentinel", self.sentinel.is_some()),
-            ("password_env", self.password_env.is_some()),
-            ("password_file", self.password_file.is_some()),
-            ("key_prefix", self.key_prefix.is_some()),
-            ("lease_ttl", self.lease_ttl.is_some()),
-        ];
-        let kind = match self.kind {
-            StateKind::Embedded => "embedded",
-            StateKind::Redis => "redis",
-            StateKind::Memory => "memory",
-        };
-        if self.kind != StateKind::Redis {
-            for (name, set) in redis_only {
-                if set {
-                    p.push(format!(
-                        "state.{name} is a redis setting, but state.kind is {kind}"
-                    ));
-                }
-            }
-        }
-        if self.kind != StateKind::Embedded && self.path.is_some() {
-            p.push(format!(
-                "state.path is an embedded setting, but state.kind is {kind}"
-            ));
-        }
-        if self.kind == StateKind::Redis {
-            if let Some(s) = &self.sentinel {
-                let l = s.referenced;
-                let at = if l == serde_saphyr::Location::UNKNOWN {
-                    String::new()
-                } else {
-                    format!("line {}, column {}: ", l.line(), l.column())
-                };
-                if self.url.is_some() || self.url_env.is_some() {
-                    p.push(format!("{at}state.sentinel and state.url/url_env are exclusive: the sentinels name the master, give one or the other"));
-                }
-                sentinel_problems(&s.value, &at, &mut p);
-            }
-            match (&self.url, &self.url_env) {
-                (None, None) if self.sentinel.is_some() => {}
-                (None, None) => {
-                    p.push("state.kind redis needs url (or url_env, or sentinel)".into())
-                }
-                (Some(_), Some(_)) => p.push("state: give url or url_env, not both".into()),
-                (Some(u), None) => {
-                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                        p.push("state.url must start with redis:// or rediss://".into());
-                    }
-                    // A password in the URL would reach logs and the admin API with it.
-                    if u.split_once("://")
-                        .map(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
-                        .unwrap_or(false)
-                    {
-                        p.push("state.url must not carry credentials; use password_env or password_file".into());
-                    }
-                }
-                (None, Some(_)) => {}
-            }
-            if self.password_env.is_some() && self.password_file.is_some() {
-                p.push("state: give password_env or password_file, not both".into());
-            }
-        }
-        if self.timeout.is_some_and(|t| t.0.is_zero()) {
-            p.push("state.timeout must be more than 0".into());
-        }
-        if self
-            .sync_interval
-            .is_some_and(|t| t.0 < std::time::Duration::from_millis(100))
-        {
-            p.push("state.sync_interval must be at least 100ms".into());
-        }
-        p
-    }
-}
-
-/// What is wrong with `state.sentinel` (`at` names its line).
-fn sentinel_problems(s: &super::SentinelConfig, at: &str, p: &mut Vec<String>) {
-    if s.master_name.trim().is_empty() {
-        p.push(format!("{at}state.sentinel.master_name must not be empty"));
-    }
-    if s.nodes.is_empty() {
-        p.push(format!(
-            "{at}state.sentinel.nodes needs at least one sentinel (host:port)"
-        ));
-    }
-    for n in &s.nodes {
-        if let Err(why) = sentinel_node(n) {
-            p.push(format!("{at}state.sentinel.nodes: {n:?} {why}"));
-        }
-    }
-    if s.password_env.is_some() && s.password_file.is_some() {
-        p.push(format!(
-            "{at}state.sentinel: give password_env or password_file, not both"
-        ));
-    }
-}
-
-/// A sentinel's address, `host:port` (`[v6]:port` too): no scheme, no credentials, since
-/// the passwords come from the environment or files and the address reaches logs.
-pub(crate) fn sentinel_node(n: &str) -> Result<(String, u16), &'static str> {
-    if n.contains("://") || n.contains('@') {
-        return Err("must be host:port (no scheme, no credentials)");
-    }
-    let Some((host, port)) = n.rsplit_once(':') else {
-        return Err("must be host:port");
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err("has no host");
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok((host.to_string(), p)),
-        _ => Err("has no valid port"),
-    }
-}
-
-impl RoutingConfig {
-    /// Every name is a method the routing table does not know, or one it refuses in the one
-    /// class an operator may override (`host`), and appears once over both lists.
-    fn check(&self, problems: &mut Vec<String>) {
-        let mut seen = HashSet::new();
-        let lists = [
-            ("allow_global", &self.allow_global),
-            ("allow_session", &self.allow_session),
-        ];
-        for (list, names) in lists {
-            for m in names.iter() {
-                let w = format!("routing.{list}: {m:?}");
-                if m.is_empty() || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    problems.push(format!("{w} is not a method name"));
-                    continue;
-                }
-                if !seen.insert(m.as_str()) {
-                    problems.push(format!("{w} is listed more than once"));
-                    continue;
-                }
-                match crate::route::lookup(m).map(|e| e.route) {
-                    None => {}
-                    Some(crate::route::Route::Denied(d)) if d.overridable() => {}
-                    Some(crate::route::Route::Denied(d)) => problems.push(format!(
-                        "{w} is refused by copilot-lb on purpose ({}), which no setting changes",
-                        d.label()
-                    )),
-                    Some(_) => problems.push(format!(
-                        "{w} is already forwarded by copilot-lb's routing table (see `copilot-lb routes`)"
-                    )),
-                }
-            }
-        }
-    }
-}
-
-impl super::ManagedConfig {
-    /// What is wrong with `managed:`.
-    fn check(&self, file_backends: &[BackendConfig], p: &mut Vec<String>) {
-        let at = |l: serde_saphyr::Location| {
-            if l == serde_saphyr::Location::UNKNOWN {
-                "managed".to_string()
-            } else {
-                format!("line {}, column {}", l.line(), l.column())
-            }
-        };
-        let w = at(self.count.referenced);
-        if !(1..=64).contains(&self.count.value) {
-            p.push(format!("{w}: managed.count must be between 1 and 64"));
-        }
-        if self.command.value.trim().is_empty() {
-            p.push(format!(
-                "{}: managed.command must not be empty",
-                at(self.command.referenced)
-            ));
-        }
-        let prefix_ok = !self.name_prefix.is_empty()
-            && self
-                .name_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !prefix_ok {
-            p.push(format!(
-                "{w}: managed.name_prefix {:?} must be letters, digits, - or _",
-                self.name_prefix
-            ));
-        }
-        if let Some(b) = file_backends.iter().find(|b| !b.managed) {
-            p.push(format!(
-                "{w}: managed and backends cannot be combined (backend {:?}): the pool's CLIs share a session-state directory other backends cannot read; run the other CLIs as a separate copilot-lb",
-                b.name()
-            ));
-        }
-        let mut seen = HashSet::new();
-        for v in &self.env_pass {
-            let valid = v
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                p.push(format!(
-                    "{w}: managed.env_pass: {v:?} is not an environment variable name"
-                ));
-            } else if super::MANAGED_RESERVED_ENV.contains(&v.as_str()) {
-                p.push(format!(
-                    "{w}: managed.env_pass: {v} is set by copilot-lb itself"
-                ));
-            } else if !seen.insert(v.as_str()) {
-                p.push(format!(
-                    "{w}: managed.env_pass: {v} is listed more than once"
-                ));
-            }
-        }
-        if self.max_sessions == Some(0) || self.max_concurrent_turns == Some(0) {
-            p.push(format!(
-                "{w}: managed.max_sessions and max_concurrent_turns must be >= 1"
-            ));
-        }
-        for (name, d) in [
-            ("start_timeout", self.start_timeout),
-            ("stop_timeout", self.stop_timeout),
-            ("drain_timeout", self.drain_timeout),
-            ("restart_backoff", self.restart_backoff),
+    #[test]
+    fn huge_durations_are_refused_with_their_place() {
+        for bad in [
+            "limits:\n  shutdown_timeout: 18446744073709551615\n",
+            "limits:\n  shutdown_timeout: 9999999999999999h\n",
+            "health:\n  interval: 400d\n",
+            "sessions:\n  detect_timeout: 8784h\n",
         ] {
-            if d.0.is_zero() {
-                p.push(format!("{w}: managed.{name} must be more than 0"));
-            }
+            let e = Config::from_yaml(bad, "t.yaml").unwrap_err().to_string();
+            assert!(e.contains("line 2"), "{bad}: {e}");
         }
-        if self.max_restart_backoff.0 < self.restart_backoff.0 {
-            p.push(format!(
-                "{w}: managed.max_restart_backoff must be >= restart_backoff"
-            ));
-        }
+        let ok = Config::from_yaml("limits:\n  shutdown_timeout: 8760h\n", "t.yaml").unwrap();
+        assert_eq!(ok.limits.shutdown_timeout.0, MAX_DURATION);
+    }
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = Config::from_yaml(
+            "listeners:\n  - listen: 127.0.0.1:4321\nbackends:\n  - address: 127.0.0.1:41001\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.balancing.bounded_load, 1.25);
+        assert_eq!(c.backends[0].name(), "127.0.0.1:41001");
+        assert_eq!(c.health.fall, 3);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_line() {
+        let err = Config::from_yaml("backends:\n  - address: 127.0.0.1:1\n    wieght: 2\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wieght"), "{err}");
+        assert!(err.contains('3'), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_carry_lines() {
+        let err = Config::from_yaml(
+            "backends:\n  - address: 127.0.0.1:1\n  - address: nope\n  - address: 127.0.0.1:1\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("duplicate backend name"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn overrides_stand_in_for_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:4321".into()),
+            backends: vec!["127.0.0.1:41001".into(), "127.0.0.1:41002".into()],
+            admin: None,
+            state_path: None,
+        };
+        let c = Config::default().apply(&o, "flags").unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.listeners[0].listen.value, "127.0.0.1:4321");
+        let bad = Overrides {
+            backends: vec!["nope".into()],
+            ..Default::default()
+        };
+        assert!(Config::default()
+            .apply(&bad, "flags")
+            .unwrap_err()
+            .to_string()
+            .contains("command line"));
     }
 }

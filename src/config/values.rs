@@ -113,3 +113,62 @@ pub fn is_loopback(a: &str) -> bool {
     }
     a.rsplit_once(':').is_some_and(|(h, _)| h == "localhost")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
+        assert_eq!(parse_duration("50µs").unwrap(), Duration::from_micros(50));
+        // Too many digits for a u64 is not a number; a u64 times its unit may not fit.
+        assert!(matches!(
+            parse_duration("99999999999999999999h"),
+            Err(DurationError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_duration("9999999999999999h"),
+            Err(DurationError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_duration("18446744073709551615m"),
+            Err(DurationError::Overflow(_))
+        ));
+        assert_eq!(
+            parse_duration("2 weeks").unwrap_err().to_string(),
+            "invalid duration unit in \"2 weeks\" (use us, ms, s, m or h)"
+        );
+        assert_eq!(
+            parse_duration("soon").unwrap_err().to_string(),
+            "invalid duration \"soon\" (use e.g. 500ms, 2s, 5m, 1h)"
+        );
+        let c = Config::from_yaml("health:\n  interval: 250ms\n  timeout: 1s\n", "t").unwrap();
+        assert_eq!(c.health.interval.0, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(check_addr("127.0.0.1:1"), Ok(()));
+        assert_eq!(check_addr("[::1]:80"), Ok(()));
+        assert_eq!(check_addr("cli-1.internal:4321"), Ok(()));
+        assert_eq!(
+            check_addr("nope"),
+            Err(AddrError::NotHostPort("nope".into()))
+        );
+        assert_eq!(check_addr(":80"), Err(AddrError::Host(":80".into())));
+        assert_eq!(check_addr("a b:80"), Err(AddrError::Host("a b:80".into())));
+        assert_eq!(
+            check_addr("h:99999"),
+            Err(AddrError::Port("h:99999".into()))
+        );
+        assert_eq!(
+            check_addr("nope").unwrap_err().to_string(),
+            "\"nope\" must be host:port"
+        );
+    }
+}

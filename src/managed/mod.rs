@@ -7,25 +7,31 @@
 //! others so a failover resumes its sessions. Each runs under a guardian process
 //! (`guard.rs`) so that nothing outlives the proxy, even on SIGKILL. The decisions (back-off,
 //! restart order) are pure functions in `plan.rs`.
+//!
+//! This file prepares and starts the pool; `supervise.rs` is one CLI's life (start, ready,
+//! exit, back-off), `rolling.rs` the rolling restart that asks those supervisors to restart
+//! their CLIs one at a time.
 
 pub mod guard;
 mod plan;
+mod rolling;
 mod spawn;
+mod supervise;
 
-use crate::backend::Backend;
+pub use rolling::{RestartError, Restarted};
+pub use supervise::StartError;
+
 use crate::config::{BackendConfig, ManagedConfig};
 use crate::context::Shared;
-use plan::RestartView;
-use rand::Rng;
-use spawn::{Launch, Spawner};
+use spawn::Spawner;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use std::time::Duration;
+use supervise::{mark_down, supervise, Base};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// Why the pool could not be prepared or started.
 #[derive(Debug, thiserror::Error)]
@@ -70,47 +76,9 @@ pub enum PoolError {
     Thread(std::io::Error),
 }
 
-/// Why a rolling restart did not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum RestartError {
-    /// Another one is running.
-    #[error("a rolling restart is already in progress")]
-    InProgress,
-    /// The proxy is stopping.
-    #[error("copilot-lb is shutting down")]
-    ShuttingDown,
-    /// A CLI could not be taken down without its sessions failing.
-    #[error("{name} was not restarted: no other CLI of the pool is up to take its sessions (a pool of one cannot restart without downtime)")]
-    NoSpare {
-        /// The CLI.
-        name: String,
-    },
-    /// A CLI did not come back healthy.
-    #[error("{name} did not become healthy after its restart: {why}; the rolling restart stopped there (the CLIs after it were not restarted)")]
-    NotHealthy {
-        /// The CLI.
-        name: String,
-        /// What happened.
-        why: String,
-    },
-}
-
-/// What a rolling restart did, per CLI in the order it went.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Restarted {
-    /// Backend name.
-    pub name: String,
-    /// Sessions that were live on it when it was drained.
-    pub sessions_moved: u64,
-    /// Milliseconds from drain to healthy again.
-    pub took_ms: u64,
-    /// Whether its work had to be cut at `drain_timeout`.
-    pub drain_timed_out: bool,
-}
-
 enum Ctl {
     /// Stop the CLI and start it again (new token); answer once it is healthy.
-    Restart(oneshot::Sender<Result<(), String>>),
+    Restart(oneshot::Sender<Result<(), StartError>>),
 }
 
 struct Child {
@@ -154,11 +122,6 @@ fn resolve(command: &str, path: Option<OsString>) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(command))
         .find(|p| p.is_file())
-}
-
-fn fresh_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    hex::encode(bytes)
 }
 
 fn free_port(name: &str) -> Result<u16, PoolError> {
@@ -363,248 +326,6 @@ fn credentials_notice(cfg: &ManagedConfig, missing: &[&str]) {
     }
 }
 
-/// What every start of every CLI shares.
-struct Base {
-    command: PathBuf,
-    guard_exe: PathBuf,
-    marker: String,
-}
-
-/// Marks `b` down through the health observer (logged and counted like a probe's verdict):
-/// its links are fenced, so its sessions fail over on their next request.
-fn mark_down(shared: &Shared, b: &Arc<Backend>, why: &str) {
-    let fall = shared.config().health.fall.max(1);
-    for _ in 0..=fall {
-        if !b.healthy() {
-            break;
-        }
-        crate::health::record(shared, b, false, None, why);
-    }
-}
-
-/// Marks `b` up the same way, after a probe of ours answered.
-fn mark_up(shared: &Shared, b: &Arc<Backend>, why: &str) {
-    let rise = shared.config().health.rise.max(1);
-    for _ in 0..=rise {
-        if b.healthy() && b.confirmed() {
-            break;
-        }
-        crate::health::record(shared, b, true, None, why);
-    }
-}
-
-/// Probes until the CLI answers (connect with its token, ping), at most `limit`.
-async fn until_ready(b: &Backend, limit: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    let mut last = String::from("no probe answered");
-    while started.elapsed() < limit {
-        match crate::health::probe(b, Duration::from_secs(1)).await {
-            Ok(_) => return Ok(started.elapsed()),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!("not answering after {limit:?} ({last})"))
-}
-
-/// Copies one output stream of a CLI into the proxy's log, line by line, with its name.
-async fn pipe_log<R: AsyncRead + Unpin>(name: String, stream: &'static str, r: R) {
-    let mut lines = BufReader::new(r).lines();
-    // Ends at EOF: when the CLI (and its guardian) exit.
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = line.trim_end();
-        if !line.is_empty() {
-            info!(backend = %name, stream, "{line}");
-        }
-    }
-}
-
-/// Stops a guardian: SIGTERM (it passes it to the CLI's group and SIGKILLs it after the
-/// grace), then SIGKILL of the guardian itself if it does not exit in time.
-async fn stop_child(proc: &mut tokio::process::Child, grace: Duration) {
-    if let Some(pid) = proc
-        .id()
-        .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?))
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-    if tokio::time::timeout(grace + Duration::from_secs(2), proc.wait())
-        .await
-        .is_err()
-    {
-        let _ = proc.kill().await;
-    }
-}
-
-/// One CLI's life: start it with a fresh token, watch it, restart it with back-off when it
-/// exits, restart it on request, stop it with the pool.
-async fn supervise(
-    sup: Arc<Supervisor>,
-    child: Arc<Child>,
-    b: Arc<Backend>,
-    base: Arc<Base>,
-    spawner: Arc<Spawner>,
-    mut ctl: mpsc::Receiver<Ctl>,
-    first_start: Arc<tokio::sync::Semaphore>,
-) {
-    // Held until this CLI's first start is ready or failed (bounded by start_timeout).
-    let mut first_turn = tokio::select! {
-        p = first_start.acquire_owned() => p.ok(),
-        _ = sup.stop.cancelled() => None,
-    };
-    let cfg = &sup.cfg;
-    let grace = cfg.stop_timeout.0;
-    let mut failures: u32 = 0;
-    let mut starts: u64 = 0;
-    let mut waiting: Option<oneshot::Sender<Result<(), String>>> = None;
-    loop {
-        if sup.stop.is_cancelled() {
-            break;
-        }
-        let token = fresh_token();
-        b.set_token(Some(token.clone()));
-        let launch = Launch {
-            guard_exe: base.guard_exe.clone(),
-            argv: spawn::cli_argv(&base.command, &cfg.args, child.port, &child.home),
-            env: spawn::cli_env(
-                |k: &str| std::env::var_os(k),
-                &cfg.env_pass,
-                &child.home,
-                &token,
-                &base.marker,
-            ),
-            cwd: child.home.clone(),
-            grace,
-        };
-        drop(token);
-        let started = Instant::now();
-        let mut proc = match spawner.spawn(launch).await {
-            Ok(s) => s.child,
-            Err(e) => {
-                drop(first_turn.take());
-                error!(backend = %child.name, error = %e, "managed CLI could not be started");
-                if let Some(w) = waiting.take() {
-                    let _ = w.send(Err(format!("could not be started: {e}")));
-                }
-                let (f, delay) = plan::after_exit(
-                    failures,
-                    Duration::ZERO,
-                    cfg.restart_backoff.0,
-                    cfg.max_restart_backoff.0,
-                );
-                failures = f;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = sup.stop.cancelled() => break,
-                }
-            }
-        };
-        starts += 1;
-        b.set_process(crate::backend::ProcessInfo {
-            pid: proc.id().unwrap_or(0),
-            restarts: starts - 1,
-        });
-        info!(backend = %child.name, pid = proc.id().unwrap_or(0), port = child.port, "managed CLI started");
-        if let Some(out) = proc.stdout.take() {
-            tokio::spawn(pipe_log(child.name.clone(), "stdout", out));
-        }
-        if let Some(err) = proc.stderr.take() {
-            tokio::spawn(pipe_log(child.name.clone(), "stderr", err));
-        }
-        let ready = until_ready(&b, cfg.start_timeout.0);
-        tokio::pin!(ready);
-        let mut is_ready = false;
-        // Watch this process until it exits or is stopped; `restart` says what comes next.
-        let restart_now = loop {
-            tokio::select! {
-                r = &mut ready, if !is_ready => {
-                    is_ready = true;
-                    drop(first_turn.take());
-                    match r {
-                        Ok(took) => {
-                            mark_up(&sup.shared, &b, "managed CLI answered its first probe");
-                            info!(backend = %child.name, took_ms = took.as_millis() as u64, "managed CLI ready");
-                            if let Some(w) = waiting.take() {
-                                let _ = w.send(Ok(()));
-                            }
-                        }
-                        Err(why) => {
-                            warn!(backend = %child.name, why = %why, "managed CLI did not become ready; stopping it");
-                            if let Some(w) = waiting.take() {
-                                let _ = w.send(Err(why));
-                            }
-                            stop_child(&mut proc, grace).await;
-                            break false;
-                        }
-                    }
-                }
-                st = proc.wait() => {
-                    let status = st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                    if sup.stop.is_cancelled() {
-                        break false;
-                    }
-                    warn!(backend = %child.name, status = %status, uptime_ms = started.elapsed().as_millis() as u64, "managed CLI exited");
-                    if let Some(w) = waiting.take() {
-                        let _ = w.send(Err(format!("exited ({status}) before it was ready")));
-                    }
-                    break false;
-                }
-                m = ctl.recv() => match m {
-                    Some(Ctl::Restart(reply)) => {
-                        if let Some(w) = waiting.replace(reply) {
-                            let _ = w.send(Err("superseded by another restart".into()));
-                        }
-                        break true;
-                    }
-                    None => {}
-                },
-                _ = sup.stop.cancelled() => break false,
-            }
-        };
-        drop(first_turn.take());
-        b.set_process(crate::backend::ProcessInfo {
-            pid: 0,
-            restarts: starts - 1,
-        });
-        mark_down(&sup.shared, &b, "managed CLI stopped");
-        if sup.stop.is_cancelled() {
-            stop_child(&mut proc, grace).await;
-            break;
-        }
-        if restart_now {
-            stop_child(&mut proc, grace).await;
-            failures = 0;
-            sup.shared.metrics.managed_restart(&child.name, "rolling");
-            continue;
-        }
-        sup.shared.metrics.managed_restart(&child.name, "exited");
-        // It exited (or never became ready): start it again after the back-off.
-        stop_child(&mut proc, grace).await;
-        let (f, delay) = plan::after_exit(
-            failures,
-            started.elapsed(),
-            cfg.restart_backoff.0,
-            cfg.max_restart_backoff.0,
-        );
-        failures = f;
-        info!(backend = %child.name, in_ms = delay.as_millis() as u64, quick_exits = failures, "managed CLI restarts after back-off");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = sup.stop.cancelled() => break,
-            m = ctl.recv() => {
-                // A restart asked for during the back-off starts it now.
-                if let Some(Ctl::Restart(reply)) = m {
-                    waiting = Some(reply);
-                }
-            }
-        }
-    }
-    if let Some(w) = waiting.take() {
-        let _ = w.send(Err("copilot-lb is shutting down".into()));
-    }
-    info!(backend = %child.name, "managed CLI stopped");
-}
-
 impl Supervisor {
     /// Stops every CLI (each gets `stop_timeout` to exit, then its group is killed) and
     /// waits for them.
@@ -617,124 +338,6 @@ impl Supervisor {
             if tokio::time::timeout(bound, t).await.is_err() {
                 warn!("a managed CLI did not stop in time");
             }
-        }
-    }
-
-    /// Restarts the pool's CLIs one at a time: drain (no new sessions), quiesce (its
-    /// sessions' new requests wait) until its requests and turns are done, mark it down (its
-    /// sessions move to the others with a resume on their next request, which the quiesce
-    /// held), stop, start with a new token, wait until healthy, undrain. Stops at the first
-    /// CLI that does not come back.
-    pub async fn rolling_restart(&self) -> Result<Vec<Restarted>, RestartError> {
-        let _one = self
-            .rolling
-            .try_lock()
-            .map_err(|_| RestartError::InProgress)?;
-        // Each CLI with its backend, in the pool's order (a reload never removes them).
-        let (children, backends): (Vec<&Arc<Child>>, Vec<Arc<Backend>>) = self
-            .children
-            .iter()
-            .filter_map(|c| Some((c, self.shared.pool.get(&c.name)?)))
-            .unzip();
-        let views: Vec<RestartView> = backends
-            .iter()
-            .map(|b| RestartView {
-                healthy: b.healthy(),
-                sessions: b.live_sessions(),
-            })
-            .collect();
-        let order = plan::restart_order(&views);
-        info!(order = ?order.iter().map(|&i| backends[i].name.as_str()).collect::<Vec<_>>(), "rolling restart of the managed pool");
-        let mut done = Vec::new();
-        for i in order {
-            if self.stop.is_cancelled() {
-                return Err(RestartError::ShuttingDown);
-            }
-            let (b, child) = (&backends[i], children[i]);
-            done.push(self.restart_one(child, b, &backends, i).await?);
-        }
-        info!(restarted = done.len(), "rolling restart done");
-        Ok(done)
-    }
-
-    async fn restart_one(
-        &self,
-        child: &Child,
-        b: &Arc<Backend>,
-        all: &[Arc<Backend>],
-        i: usize,
-    ) -> Result<Restarted, RestartError> {
-        let begun = Instant::now();
-        let views = |all: &[Arc<Backend>]| -> Vec<RestartView> {
-            all.iter()
-                .map(|b| RestartView {
-                    healthy: b.healthy(),
-                    sessions: b.live_sessions(),
-                })
-                .collect()
-        };
-        let was_healthy = b.healthy();
-        if was_healthy {
-            // Another CLI must be up to take the sessions; one restarting may need a moment.
-            let deadline = Instant::now() + self.cfg.start_timeout.0;
-            while !plan::may_stop(&views(all), i) {
-                if Instant::now() >= deadline {
-                    return Err(RestartError::NoSpare {
-                        name: child.name.clone(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        let was_draining = b.draining();
-        let sessions = b.live_sessions();
-        b.set_draining(true);
-        b.set_quiescing(true);
-        // A request that passed the quiescing check just before it was set is counted when
-        // it is forwarded: give it that moment, then wait for the work to end.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let drain_deadline = Instant::now() + self.cfg.drain_timeout.0;
-        let mut timed_out = false;
-        while b.busy() > 0 && was_healthy {
-            if Instant::now() >= drain_deadline {
-                warn!(backend = %child.name, busy = b.busy(), timeout = ?self.cfg.drain_timeout.0, "rolling restart: work still running at managed.drain_timeout; stopping the CLI anyway");
-                timed_out = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        info!(backend = %child.name, sessions, "rolling restart: CLI idle; moving its sessions and restarting it");
-        // Down first (fenced: the CLI releases every session), then the held requests go on
-        // and fail over to the next CLI of each session's ranking.
-        mark_down(&self.shared, b, "rolling restart");
-        b.set_quiescing(false);
-        let (tx, rx) = oneshot::channel();
-        let result = match child.ctl.send(Ctl::Restart(tx)).await {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err("its supervisor stopped".into())),
-            Err(_) => Err("its supervisor stopped".into()),
-        };
-        b.set_draining(was_draining);
-        match result {
-            Ok(()) => {
-                let took = begun.elapsed();
-                info!(backend = %child.name, took_ms = took.as_millis() as u64, "rolling restart: CLI back");
-                Ok(Restarted {
-                    name: child.name.clone(),
-                    sessions_moved: sessions,
-                    took_ms: took.as_millis() as u64,
-                    drain_timed_out: timed_out,
-                })
-            }
-            Err(why) if self.stop.is_cancelled() => {
-                let _ = why;
-                Err(RestartError::ShuttingDown)
-            }
-            Err(why) => Err(RestartError::NotHealthy {
-                name: child.name.clone(),
-                why,
-            }),
         }
     }
 }
@@ -767,12 +370,5 @@ mod tests {
         assert_eq!(resolve("nope", path.clone()), None);
         assert_eq!(resolve(exe.to_str().unwrap(), None), Some(exe));
         assert_eq!(resolve("./missing/copilot", path), None);
-    }
-
-    #[test]
-    fn tokens_are_fresh_and_long() {
-        let (a, b) = (fresh_token(), fresh_token());
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 64);
     }
 }

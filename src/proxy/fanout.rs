@@ -2,6 +2,7 @@
 //! copy of each session wins), filtered to what the caller's tenant may see.
 
 use super::conn::ClientConn;
+use super::link::CallFailed;
 use super::request::ClientReq;
 use crate::backend::{Backend, State};
 use crate::envelope;
@@ -16,6 +17,20 @@ use tracing::warn;
 
 /// How long a fan-out waits for each backend.
 const FANOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why one backend of a fan-out gave no reply.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AskError {
+    /// The link failed the call.
+    #[error("{0}")]
+    Call(CallFailed),
+    /// No reply within [`FANOUT_TIMEOUT`].
+    #[error("timed out")]
+    TimedOut,
+    /// The task asking it panicked or was cancelled.
+    #[error("{0}")]
+    Task(tokio::task::JoinError),
+}
 
 /// The merged answer of a fan-out.
 #[derive(Debug, Default, PartialEq)]
@@ -32,7 +47,7 @@ pub(super) struct Merged {
 /// storage) appears once, as its most recently modified copy; ids the caller may not see are
 /// dropped.
 pub(super) fn merge(
-    replies: Vec<(String, Result<Value, String>)>,
+    replies: Vec<(String, Result<Value, AskError>)>,
     visible: impl Fn(&str) -> bool,
 ) -> Merged {
     let mut out = Merged::default();
@@ -118,9 +133,9 @@ impl ClientConn {
         for (name, h) in calls {
             let reply = match h.await {
                 Ok(Ok(Ok(r))) => Ok(serde_json::from_slice(&r).unwrap_or(Value::Null)),
-                Ok(Ok(Err(e))) => Err(e.to_string()),
-                Ok(Err(_)) => Err("timed out".to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(Ok(Err(e))) => Err(AskError::Call(e)),
+                Ok(Err(_)) => Err(AskError::TimedOut),
+                Err(e) => Err(AskError::Task(e)),
             };
             replies.push((name, reply));
         }
@@ -180,7 +195,7 @@ impl ClientConn {
 mod tests {
     use super::*;
 
-    fn list(items: &[(&str, &str)]) -> Result<Value, String> {
+    fn list(items: &[(&str, &str)]) -> Result<Value, AskError> {
         let sessions: Vec<Value> = items
             .iter()
             .map(|(id, t)| json!({"sessionId": id, "modifiedTime": t}))
@@ -223,7 +238,7 @@ mod tests {
     fn failed_backends_are_reported_not_merged() {
         let m = merge(
             vec![
-                ("a".into(), Err("timed out".into())),
+                ("a".into(), Err(AskError::TimedOut)),
                 (
                     "b".into(),
                     Ok(json!({"error": {"code": -32603, "message": "boom"}})),
@@ -235,7 +250,8 @@ mod tests {
         assert_eq!(m.answered, 1);
         assert_eq!(m.errors, ["a: timed out", "b: boom"]);
         assert_eq!(m.sessions.len(), 1);
-        let none = merge(vec![("a".into(), Err("down".into()))], |_| true);
+        let down = AskError::Call(CallFailed::Closed("a".into()));
+        let none = merge(vec![("a".into(), Err(down))], |_| true);
         assert_eq!((none.answered, none.sessions.len()), (0, 0));
     }
 }

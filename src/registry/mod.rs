@@ -223,7 +223,7 @@ pub enum OpenError {
     },
     /// The Redis settings are unusable.
     #[error("state: redis: {0}")]
-    Redis(String),
+    Redis(redis_conn::TargetError),
 }
 
 enum Kind {

@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 /// Why a Redis target could not be built from the config.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TargetError {
+pub enum TargetError {
     /// A URL, address or secret setting could not be read.
     #[error("{0}")]
     Config(#[from] crate::config::StateSecretError),

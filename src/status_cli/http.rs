@@ -1,11 +1,12 @@
-//! One GET over HTTP/1.1 with hyper's client connection (no pool: one request per command, or
-//! two for `status`). The caller bounds the whole exchange with its timeout.
+//! One bodiless GET or POST over HTTP/1.1 with hyper's client connection (no pool: one
+//! request per command, or two for `status`). The caller bounds the whole exchange with its
+//! timeout, if it wants one.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 
-/// Why a GET failed before a status code could be read.
+/// Why a request failed before a status code (or the whole body) could be read.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HttpError {
     /// TCP connect failed (refused, unreachable, name not resolved).
@@ -30,6 +31,26 @@ pub(crate) async fn get(
     token: Option<&str>,
     max_body: usize,
 ) -> Result<(u16, Bytes), HttpError> {
+    request(hyper::Method::GET, addr, path, token, max_body).await
+}
+
+/// `POST path` with an empty body; otherwise as [`get`].
+pub(crate) async fn post(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    max_body: usize,
+) -> Result<(u16, Bytes), HttpError> {
+    request(hyper::Method::POST, addr, path, token, max_body).await
+}
+
+async fn request(
+    method: hyper::Method,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    max_body: usize,
+) -> Result<(u16, Bytes), HttpError> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(HttpError::Connect)?;
@@ -42,12 +63,19 @@ pub(crate) async fn get(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = hyper::Request::get(path)
+    let mut req = hyper::Request::builder()
+        .method(method.clone())
+        .uri(path)
         .header(hyper::header::HOST, addr)
         .header(
             hyper::header::USER_AGENT,
             concat!("copilot-lb/", env!("CARGO_PKG_VERSION")),
         );
+    // hyper sends no length for an empty body; some servers and proxies answer a POST
+    // without one with 411.
+    if method == hyper::Method::POST {
+        req = req.header(hyper::header::CONTENT_LENGTH, 0);
+    }
     if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }

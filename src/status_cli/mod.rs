@@ -5,6 +5,9 @@
 //! with one bounded HTTP/1.1 client (`http`), render (`render`, pure). Every failure is a
 //! [`StatusError`] with its own exit code, so scripts can tell "proxy not running" from "token
 //! missing" from "proxy answered nonsense".
+//!
+//! `copilot-lb restart` reuses the same client for its one POST ([`admin_post`]), unbounded in
+//! time: a rolling restart takes as long as its CLIs need.
 
 mod http;
 mod render;
@@ -189,6 +192,52 @@ impl StatusError {
             StatusError::Status { .. } | StatusError::Reply { .. } => 5,
         }
     }
+}
+
+/// Why `copilot-lb restart`'s POST got no HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// Nothing accepted the connection.
+    #[error("cannot reach the admin API at {addr}")]
+    Connect {
+        /// Where.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// What came back was not an HTTP answer, or the exchange broke before one.
+    #[error("the admin API sent no HTTP status")]
+    NoStatus(hyper::Error),
+    /// The request could not be built (a token with control characters).
+    #[error("invalid request: {0}")]
+    Request(hyper::http::Error),
+    /// The answer was larger than any the admin API sends.
+    #[error("reply too large")]
+    TooLarge,
+    /// The runtime for the client could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// `POST path` to the admin API at `addr` (with `Authorization: Bearer` when a token is
+/// given), waiting as long as the answer takes. Returns the status code and the body.
+pub fn admin_post(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String), PostError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(PostError::Runtime)?;
+    let (status, body) = rt
+        .block_on(http::post(addr, path, token, MAX_BODY))
+        .map_err(|e| match e {
+            http::HttpError::Connect(source) => PostError::Connect {
+                addr: addr.to_string(),
+                source,
+            },
+            http::HttpError::Hyper(e) => PostError::NoStatus(e),
+            http::HttpError::Request(e) => PostError::Request(e),
+            http::HttpError::TooLarge => PostError::TooLarge,
+        })?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Runs one view against the admin API and returns what to print (a table, or JSON).
