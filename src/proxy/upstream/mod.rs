@@ -122,6 +122,25 @@ pub(super) fn reply_session(body: &[u8]) -> Option<String> {
     v.pointer("/result/sessionId")?.as_str().map(str::to_string)
 }
 
+/// A reply named a session that belongs to another tenant, so it is not delivered.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Withheld {
+    /// A create or resume was answered with a session other than the one asked for.
+    #[error(
+        "{method} of {asked} was answered with session {named}, which belongs to another tenant"
+    )]
+    Answered {
+        method: String,
+        asked: String,
+        named: String,
+    },
+}
+
+/// A fork's new session belongs to another tenant (the id is kept for the error's data).
+#[derive(Debug, thiserror::Error)]
+#[error("the fork's new session {0} belongs to another tenant")]
+pub(super) struct ForeignFork(String);
+
 impl ClientConn {
     /// A create or resume of `asked` was answered with another session, `named`: the CLI
     /// resolved the id to a different session. If `named` is the caller's (or nobody's yet)
@@ -133,7 +152,7 @@ impl ClientConn {
         asked: &str,
         named: &str,
         meta: &ClientReq,
-    ) -> Result<(), String> {
+    ) -> Result<(), Withheld> {
         let tenant = self.tenant();
         let claim = self
             .shared
@@ -161,10 +180,11 @@ impl ClientConn {
                 )
                 .await;
             });
-            return Err(format!(
-                "{} of {asked} was answered with session {named}, which belongs to another tenant",
-                meta.method
-            ));
+            return Err(Withheld::Answered {
+                method: meta.method.clone(),
+                asked: asked.to_string(),
+                named: named.to_string(),
+            });
         }
         self.join_as(named, &link.backend.name, meta);
         Ok(())
@@ -172,7 +192,7 @@ impl ClientConn {
 
     /// Records the session a `sessions.fork` reply names as the caller's, on the backend that
     /// made it. `Err` with the id when that id already belongs to another tenant.
-    async fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), String> {
+    async fn record_fork(&self, link: &Link, body: &[u8]) -> Result<(), ForeignFork> {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let Some(new) = v.pointer("/result/sessionId").and_then(Value::as_str) else {
             return Ok(());
@@ -184,7 +204,7 @@ impl ClientConn {
             .claim(new, &tenant.name, &link.backend.name, &self.shared.pool)
             .await
         {
-            Ok(crate::affinity::Claim::Foreign) | Err(_) => Err(new.to_string()),
+            Ok(crate::affinity::Claim::Foreign) | Err(_) => Err(ForeignFork(new.to_string())),
             Ok(_) => {
                 info!(conn = self.id, session = %new, backend = %link.backend.name, "forked session recorded");
                 Ok(())
@@ -211,18 +231,21 @@ impl LinkOwner for ClientConn {
         is_error: bool,
     ) {
         if meta.method == "sessions.fork" && !is_error {
-            if let Err(forged) = self.record_fork(link, body).await {
-                let m = format!("the fork's new session {forged} belongs to another tenant");
-                let data = rpc::data(false, json!({"sessionId": forged}));
-                return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
+            if let Err(e) = self.record_fork(link, body).await {
+                let data = rpc::data(false, json!({"sessionId": e.0}));
+                return self
+                    .fail(&meta, rpc::SESSION_FORBIDDEN, &e.to_string(), data)
+                    .await;
             }
         }
         if matches!(meta.route, Route::Create | Route::Resume) && !is_error {
             if let (Some(asked), Some(named)) = (&meta.session, reply_session(body)) {
                 if named != *asked {
-                    if let Err(m) = self.adopt_reply_session(link, asked, &named, &meta).await {
+                    if let Err(e) = self.adopt_reply_session(link, asked, &named, &meta).await {
                         let data = rpc::data(false, json!({"sessionId": named}));
-                        return self.fail(&meta, rpc::SESSION_FORBIDDEN, &m, data).await;
+                        return self
+                            .fail(&meta, rpc::SESSION_FORBIDDEN, &e.to_string(), data)
+                            .await;
                     }
                 }
             }
