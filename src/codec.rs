@@ -231,6 +231,36 @@ const READ_CHUNK: usize = 4096;
 /// Largest read-ahead sized from the previous frame.
 const MAX_CHUNK: usize = 256 * 1024;
 
+/// How much of a streamed body is gathered before its start is handed over: enough for any
+/// envelope an SDK or the CLI writes (they put `jsonrpc`, `id`, `method` and `sessionId`
+/// first), little enough to stay a buffer and not a frame.
+pub const STREAM_HEAD: usize = 16 * 1024;
+
+/// One frame as [`FrameReader::read_item`] gives it.
+#[derive(Debug)]
+pub enum Item {
+    /// The whole body.
+    Whole(Bytes),
+    /// The start of a body longer than the caller buffers; the rest comes from
+    /// [`FrameReader::read_chunk`] (or whole from [`FrameReader::read_rest`]).
+    Head {
+        /// The first bytes of the body (at least [`STREAM_HEAD`] of them, or all).
+        head: Bytes,
+        /// The whole body's length.
+        len: usize,
+    },
+}
+
+/// `read_item(usize::MAX)` never streams: no body is longer than that.
+fn unreachable_head() -> Result<Option<Bytes>, CodecError> {
+    Err(CodecError::FrameTooLarge {
+        len: usize::MAX,
+        limit: usize::MAX,
+        head: Bytes::new(),
+        skippable: false,
+    })
+}
+
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
     inner: R,
@@ -242,6 +272,8 @@ pub struct FrameReader<R> {
     chunk: usize,
     /// Bytes of an oversized body still to discard before the next header.
     skip: usize,
+    /// Bytes of a streamed body not yet handed out by `read_chunk`.
+    rest: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -255,6 +287,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             on_partial: None,
             chunk: READ_CHUNK,
             skip: 0,
+            rest: 0,
         }
     }
 
@@ -298,6 +331,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Returns the next frame body, `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
+        match self.read_item(usize::MAX).await? {
+            Some(Item::Whole(b)) => Ok(Some(b)),
+            Some(Item::Head { .. }) => unreachable_head(),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`read_frame`](Self::read_frame), but a body longer than `stream_above` comes
+    /// as its head; the caller then takes the rest with [`read_chunk`](Self::read_chunk)
+    /// or [`read_rest`](Self::read_rest). A rest not taken is discarded by the next read.
+    pub async fn read_item(&mut self, stream_above: usize) -> Result<Option<Item>, CodecError> {
+        if self.rest > 0 {
+            self.skip += std::mem::take(&mut self.rest);
+        }
         if self.skip > 0 {
             self.skip_rest().await?;
         }
@@ -322,6 +369,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         });
                     }
                     let need = header_len + body_len;
+                    if body_len > stream_above {
+                        let want = header_len + body_len.min(STREAM_HEAD);
+                        while self.buf.len() < want {
+                            self.reserve_read();
+                            if self.fill_partial(&mut told).await? == 0 {
+                                return Err(CodecError::UnexpectedEof);
+                            }
+                        }
+                        self.buf.advance(header_len);
+                        let head = self.buf.split_to(self.buf.len().min(body_len)).freeze();
+                        self.rest = body_len - head.len();
+                        self.chunk = MAX_CHUNK;
+                        return Ok(Some(Item::Head {
+                            head,
+                            len: body_len,
+                        }));
+                    }
                     if self.buf.len() < need {
                         self.buf.reserve(need - self.buf.len());
                         while self.buf.len() < need {
@@ -333,11 +397,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.chunk = need.clamp(READ_CHUNK, MAX_CHUNK);
                     self.buf.advance(header_len);
                     let body = self.buf.split_to(body_len).freeze();
-                    if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
-                        // Do not pin a big frame's allocation to a connection that goes idle.
-                        self.buf = BytesMut::new();
-                    }
-                    return Ok(Some(body));
+                    self.release_big();
+                    return Ok(Some(Item::Whole(body)));
                 }
                 HeaderScan::Incomplete => {
                     if self.buf.capacity() - self.buf.len() < MIN_READ {
@@ -356,6 +417,52 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                 }
             }
+        }
+    }
+
+    /// The next piece of a streamed body (whatever has arrived, at most one read buffer);
+    /// `Ok(None)` once it is all out.
+    pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, CodecError> {
+        if self.rest == 0 {
+            return Ok(None);
+        }
+        if self.buf.is_empty() {
+            self.reserve_read();
+            if self.fill().await? == 0 {
+                return Err(CodecError::UnexpectedEof);
+            }
+        }
+        let take = self.rest.min(self.buf.len());
+        self.rest -= take;
+        let chunk = self.buf.split_to(take).freeze();
+        if self.rest == 0 {
+            self.release_big();
+        }
+        Ok(Some(chunk))
+    }
+
+    /// The whole body of a streamed frame, `head` first: for a caller that found it cannot
+    /// stream this one.
+    pub async fn read_rest(&mut self, head: Bytes) -> Result<Bytes, CodecError> {
+        let mut body = BytesMut::with_capacity(head.len() + self.rest);
+        body.extend_from_slice(&head);
+        while let Some(c) = self.read_chunk().await? {
+            body.extend_from_slice(&c);
+        }
+        Ok(body.freeze())
+    }
+
+    /// Room for one big read: a streamed body is read a buffer at a time.
+    fn reserve_read(&mut self) {
+        if self.buf.capacity() - self.buf.len() < MIN_READ {
+            self.buf.reserve(self.chunk);
+        }
+    }
+
+    /// Do not pin a big frame's allocation to a connection that goes idle.
+    fn release_big(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+            self.buf = BytesMut::new();
         }
     }
 

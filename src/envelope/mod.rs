@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use std::fmt;
 
 mod fast;
+mod stream;
 pub use fast::parse_fast;
+pub use stream::{parse_head, Head, Tail, TailError};
 
 /// What kind of JSON-RPC message a frame holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
