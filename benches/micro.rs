@@ -71,6 +71,25 @@ fn envelope_benches(c: &mut Criterion) {
             b.iter(|| envelope::parse_backend(black_box(body)).unwrap().kind)
         });
     }
+    // A streamed frame: its envelope from the head, then the check of every byte.
+    let huge = event(1 << 20);
+    g.throughput(Throughput::Bytes(huge.len() as u64));
+    for (name, strict) in [("client", true), ("backend", false)] {
+        g.bench_function(format!("stream_check_1mib_{name}"), |b| {
+            b.iter(|| {
+                let h = envelope::parse_head(&huge[..16 * 1024]).unwrap();
+                let mut t = if strict {
+                    envelope::Tail::new(h.cut, 128)
+                } else {
+                    envelope::Tail::structural(h.cut, 128)
+                };
+                for c in huge.chunks(64 * 1024) {
+                    t.feed(black_box(c)).unwrap();
+                }
+                t.finish().unwrap();
+            })
+        });
+    }
     let env = envelope::parse(REQUEST).unwrap();
     let span = env.id_span.unwrap();
     g.bench_function("splice_id", |b| {

@@ -236,6 +236,9 @@ const MAX_CHUNK: usize = 256 * 1024;
 /// first), little enough to stay a buffer and not a frame.
 pub const STREAM_HEAD: usize = 16 * 1024;
 
+/// The least room a streamed body is read into at a time.
+const STREAM_READ: usize = 64 * 1024;
+
 /// One frame as [`FrameReader::read_item`] gives it.
 #[derive(Debug)]
 pub enum Item {
@@ -427,7 +430,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(None);
         }
         if self.buf.is_empty() {
-            self.reserve_read();
+            // A whole read buffer each time: the tail of the last allocation may be a sliver,
+            // and a sliver per read would mean a syscall and a chunk per few bytes.
+            // `reserve` takes the whole allocation back once the writer has dropped the
+            // chunks split from it, so a long body reuses a few buffers instead of mapping
+            // fresh pages per read.
+            if self.buf.capacity() < STREAM_READ {
+                self.buf.reserve(self.chunk.max(STREAM_READ));
+            }
             if self.fill().await? == 0 {
                 return Err(CodecError::UnexpectedEof);
             }
@@ -450,6 +460,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             body.extend_from_slice(&c);
         }
         Ok(body.freeze())
+    }
+
+    /// Bytes of a streamed body not yet handed out.
+    pub fn remaining(&self) -> usize {
+        self.rest
     }
 
     /// Room for one big read: a streamed body is read a buffer at a time.

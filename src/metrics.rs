@@ -139,6 +139,8 @@ pub struct Metrics {
     /// every forwarded request counted one and observed the other through a family lookup.
     req_cache: [[OnceLock<Counter>; RESULTS.len()]; CLASSES.len()],
     duration_cache: [OnceLock<Histogram>; CLASSES.len()],
+    /// Frames forwarded as they arrived (longer than `limits.stream_above_bytes`).
+    streamed_frames: Family<DirLabels, Counter>,
     /// Label-free totals of the counters the status page charts (history.rs samples them):
     /// a family cannot be summed without encoding it, and these cost one relaxed add.
     totals: Totals,
@@ -231,6 +233,7 @@ impl Metrics {
             hygiene_lease: Gauge::default(),
             registry: Registry::default(),
             dirs: Vec::new(),
+            streamed_frames: Family::default(),
             req_cache: Default::default(),
             duration_cache: Default::default(),
             totals: Totals::default(),
@@ -283,6 +286,11 @@ impl Metrics {
             m.frame_bytes.clone(),
         );
         registry.register("frames", "Frames by direction", m.frames.clone());
+        registry.register(
+            "streamed_frames",
+            "Frames forwarded as they arrived, too big to hold, by the direction they came in",
+            m.streamed_frames.clone(),
+        );
         registry.register(
             "bad_frames",
             "Frames refused, by reason",
@@ -437,6 +445,13 @@ impl Metrics {
                 .get_or_create(&ClassLabels { class })
                 .observe(secs),
         }
+    }
+
+    /// Counts a frame forwarded as it arrived (`client_in` or `backend_in`).
+    pub fn streamed(&self, direction: &'static str) {
+        self.streamed_frames
+            .get_or_create(&DirLabels { direction })
+            .inc();
     }
 
     /// Counts a frame the proxy refused.

@@ -34,16 +34,35 @@ pub fn quickack(_stream: &tokio::net::tcp::OwnedReadHalf) {}
 /// One frame's body as a writer sends it: whole, or with one byte range (an id) replaced.
 /// A rewritten id costs three slices of the same buffer instead of a copy of the body: for a
 /// 32 MiB frame that copy and its fresh pages were a tenth of the time through the proxy.
-#[derive(Debug, Clone, Default)]
+///
+/// A frame too big to hold also has a `tail`: the rest of its body, copied from where it
+/// arrives (see [`crate::codec::Item::Head`]) as it arrives.
+#[derive(Debug, Default)]
 pub struct Frame {
     parts: [Bytes; 3],
+    tail: Option<Streamed>,
 }
+
+/// The rest of a streamed body: `len` bytes that arrive on `rx`. A channel closed before
+/// `len` bytes came means the frame was cut off on purpose (see [`CUT`]).
+#[derive(Debug)]
+pub struct Streamed {
+    /// Bytes still to come.
+    pub len: usize,
+    /// Where they come from.
+    pub rx: mpsc::Receiver<Bytes>,
+}
+
+/// The error a writer returns when a streamed frame's tail ended early: the sender cut it
+/// off. A socket write never fails with this kind, so the caller can tell it from one.
+pub const CUT: std::io::ErrorKind = std::io::ErrorKind::InvalidData;
 
 impl Frame {
     /// The body as it is.
     pub fn whole(body: Bytes) -> Frame {
         Frame {
             parts: [body, Bytes::new(), Bytes::new()],
+            tail: None,
         }
     }
 
@@ -51,31 +70,24 @@ impl Frame {
     pub fn spliced(body: &Bytes, span: (usize, usize), with: Bytes) -> Frame {
         Frame {
             parts: [body.slice(..span.0), with, body.slice(span.1..)],
+            tail: None,
         }
+    }
+
+    /// This frame's start, followed by `tail`.
+    pub fn then(mut self, tail: Streamed) -> Frame {
+        self.tail = Some(tail);
+        self
     }
 
     /// Length of the body on the wire.
     pub fn len(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+        self.parts.iter().map(Bytes::len).sum::<usize>() + self.tail.as_ref().map_or(0, |t| t.len)
     }
 
     /// Whether the body is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The body as one buffer (a copy only when it was spliced).
-    pub fn to_bytes(&self) -> Bytes {
-        match &self.parts {
-            [b, m, t] if m.is_empty() && t.is_empty() => b.clone(),
-            [b, m, t] => {
-                let mut v = Vec::with_capacity(self.len());
-                v.extend_from_slice(b);
-                v.extend_from_slice(m);
-                v.extend_from_slice(t);
-                Bytes::from(v)
-            }
-        }
     }
 }
 
@@ -118,9 +130,11 @@ where
 {
     let mut buf: Vec<u8> = Vec::new();
     while let Some(item) = rx.recv().await {
-        let Some(body) = prepare(item) else { continue };
-        if body.len() > COPY_LIMIT {
-            write_big(&mut w, &body).await?;
+        let Some(mut body) = prepare(item) else {
+            continue;
+        };
+        if body.len() > COPY_LIMIT || body.tail.is_some() {
+            write_big(&mut w, &mut body).await?;
             w.flush().await?;
             continue;
         }
@@ -135,11 +149,13 @@ where
                 Err(e) => Err(e),
             };
             match more {
-                Ok(more) if more.len() <= COPY_LIMIT => append(&mut buf, &more),
-                Ok(more) => {
+                Ok(more) if more.len() <= COPY_LIMIT && more.tail.is_none() => {
+                    append(&mut buf, &more)
+                }
+                Ok(mut more) => {
                     w.write_all(&buf).await?;
                     buf.clear();
-                    write_big(&mut w, &more).await?;
+                    write_big(&mut w, &mut more).await?;
                 }
                 Err(_) => break,
             }
@@ -167,11 +183,47 @@ fn append(buf: &mut Vec<u8>, f: &Frame) {
     }
 }
 
-/// Header and parts in vectored writes until all are out: no copy of a big body.
-async fn write_big<W: AsyncWrite + Unpin>(w: &mut W, body: &Frame) -> std::io::Result<()> {
+/// Header and parts in vectored writes until all are out: no copy of a big body. Then the
+/// tail, chunk by chunk as it arrives.
+async fn write_big<W: AsyncWrite + Unpin>(w: &mut W, body: &mut Frame) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(32);
     write_header(&mut head, body.len());
-    let mut parts: [&[u8]; 4] = [&head, &body.parts[0], &body.parts[1], &body.parts[2]];
+    write_slices(
+        w,
+        &mut [&head, &body.parts[0], &body.parts[1], &body.parts[2]],
+    )
+    .await?;
+    let Some(tail) = &mut body.tail else {
+        return Ok(());
+    };
+    let mut chunks: Vec<Bytes> = Vec::new();
+    while tail.len > 0 {
+        // What has arrived goes out in one write, not a write per read.
+        chunks.clear();
+        match tail.rx.recv().await {
+            Some(c) => chunks.push(c),
+            None => return Err(std::io::Error::new(CUT, "a streamed frame was cut off")),
+        }
+        while let Ok(c) = tail.rx.try_recv() {
+            chunks.push(c);
+        }
+        let n: usize = chunks.iter().map(Bytes::len).sum();
+        // More than promised would desynchronise the stream: never written.
+        if n > tail.len {
+            return Err(std::io::Error::new(CUT, "a streamed frame ran long"));
+        }
+        tail.len -= n;
+        let mut slices: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        write_slices(w, &mut slices).await?;
+    }
+    Ok(())
+}
+
+/// Writes every slice, vectored, however the writer splits them.
+async fn write_slices<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &mut [&[u8]],
+) -> std::io::Result<()> {
     let mut first = 0;
     while first < parts.len() {
         if parts[first].is_empty() {
@@ -285,12 +337,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_frame_knows_its_length_and_bytes() {
-        let b = Bytes::from_static(b"abcdef");
-        let f = Frame::spliced(&b, (1, 3), Bytes::from_static(b"XYZ"));
-        assert_eq!(f.len(), 7);
-        assert_eq!(&f.to_bytes()[..], b"aXYZdef");
-        assert_eq!(&Frame::whole(b.clone()).to_bytes()[..], b"abcdef");
+    #[tokio::test]
+    async fn a_streamed_tail_follows_its_head_and_a_cut_one_fails() {
+        let head = Bytes::from_static(br#"{"jsonrpc":"2.0","id":7,"result":"ab"#);
+        for (chunks, ok) in [
+            (vec![&b"cd"[..], b"ef\"}"], true),
+            (vec![&b"cd"[..]], false),
+            (vec![&b"cdef\"}xx"[..]], false),
+        ] {
+            let (ctx, crx) = mpsc::channel(4);
+            let (tx, mut rx) = mpsc::channel(4);
+            let f = Frame::spliced(&head, (22, 23), Bytes::from_static(b"99"))
+                .then(Streamed { len: 6, rx: crx });
+            tx.send(f).await.unwrap();
+            tx.send(Frame::whole(Bytes::from_static(b"{}")))
+                .await
+                .unwrap();
+            drop(tx);
+            for c in chunks {
+                ctx.send(Bytes::copy_from_slice(c)).await.unwrap();
+            }
+            drop(ctx);
+            let mut w = Trickle {
+                out: Vec::new(),
+                max: 5,
+            };
+            let res = writer_with(&mut w, &mut rx, Some).await;
+            if ok {
+                res.unwrap();
+                let mut want = framed(br#"{"jsonrpc":"2.0","id":99,"result":"abcdef"}"#);
+                want.extend(framed(b"{}"));
+                assert_eq!(
+                    String::from_utf8_lossy(&w.out),
+                    String::from_utf8_lossy(&want)
+                );
+            } else {
+                assert_eq!(res.unwrap_err().kind(), CUT);
+            }
+        }
     }
 }

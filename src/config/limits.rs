@@ -48,6 +48,24 @@ pub struct LimitsConfig {
     /// read costs bounded memory. A frame larger than this waits alone.
     #[serde(default = "default_max_queued_reply_bytes")]
     pub max_queued_reply_bytes: usize,
+    /// Frames with a longer body are streamed: forwarded once their envelope is read, the
+    /// rest copied as it arrives (checked on the way) instead of held whole. 0 never streams.
+    #[serde(default = "default_stream_above_bytes")]
+    pub stream_above_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// The body length past which frames are streamed (`usize::MAX`: never).
+    pub fn stream_above(&self) -> usize {
+        match self.stream_above_bytes {
+            0 => usize::MAX,
+            n => n,
+        }
+    }
+}
+
+fn default_stream_above_bytes() -> usize {
+    256 * 1024
 }
 
 fn default_max_queued_reply_bytes() -> usize {
@@ -89,6 +107,7 @@ impl Default for LimitsConfig {
             shutdown_timeout: default_shutdown_timeout(),
             max_json_depth: default_max_json_depth(),
             max_queued_reply_bytes: default_max_queued_reply_bytes(),
+            stream_above_bytes: default_stream_above_bytes(),
         }
     }
 }

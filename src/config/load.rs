@@ -286,6 +286,14 @@ impl Config {
         if self.backends.iter().any(|b| b.edge) && self.backends.iter().any(|b| !b.edge) {
             problems.push("backends: either every backend is a copilot-lb edge (edge: true) or none is; a session cannot move between an edge and a CLI".into());
         }
+        if self.limits.stream_above_bytes != 0
+            && self.limits.stream_above_bytes < crate::codec::STREAM_HEAD
+        {
+            problems.push(format!(
+                "limits.stream_above_bytes must be 0 (never stream) or at least {} (the envelope is read from that many bytes)",
+                crate::codec::STREAM_HEAD
+            ));
+        }
         if self.limits.max_queued_reply_bytes == 0
             || self.limits.max_queued_reply_bytes > u32::MAX as usize
         {

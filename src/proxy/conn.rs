@@ -6,7 +6,7 @@ use super::membership::joined::{starts_turn, Membership};
 use super::request::{intake, ClientReq, Intake};
 use super::upstream::links::Upstream;
 use crate::auth::Tenant;
-use crate::codec::{CodecError, FrameReader};
+use crate::codec::{CodecError, FrameReader, Item};
 use crate::context::{ClientHandle, Shared};
 use crate::route::Route;
 use crate::rpc;
@@ -60,7 +60,7 @@ pub(crate) struct ClientConn {
     pub(super) upstream: Mutex<Upstream>,
     /// Sessions whose failover is running on this connection (failover.rs).
     pub(super) holds: Holds,
-    requests: AtomicU64,
+    pub(super) requests: AtomicU64,
     /// Tasks working on this client's requests (fan-outs, resume probes, failovers, re-routes):
     /// in flight too, though no link holds them.
     busy: AtomicUsize,
@@ -152,6 +152,7 @@ async fn run<R, W>(
         budget.close();
         res
     });
+    let stream_above = shared.config().limits.stream_above();
     // One cancellation waiter for the connection's life, not one registered per frame.
     let cancelled = conn.cancel.clone().cancelled_owned();
     tokio::pin!(cancelled);
@@ -162,13 +163,21 @@ async fn run<R, W>(
         let frame = tokio::select! {
             biased;
             _ = &mut cancelled => break,
-            f = reader.read_frame() => f,
+            f = reader.read_item(stream_above) => f,
         };
         match frame {
-            Ok(Some(body)) => {
+            Ok(Some(Item::Whole(body))) => {
                 crate::runtime::activity();
                 shared.metrics.frame("client_in", body.len());
                 conn.on_client_frame(body).await;
+            }
+            Ok(Some(Item::Head { head, len })) => {
+                crate::runtime::activity();
+                shared.metrics.frame("client_in", len);
+                if let Err(e) = conn.on_client_head(&mut reader, head).await {
+                    debug!(conn = id, error = %e, "client read ended in a streamed frame");
+                    break;
+                }
             }
             Ok(None) => {
                 // A client may half-close once it has sent its last request: it still reads.
@@ -327,17 +336,17 @@ impl ClientConn {
             .unwrap_or_else(|| self.shared.auth().anonymous())
     }
 
-    /// Queues a body for the client; a closed client just drops it.
-    pub(super) async fn send_to_client(&self, body: impl Into<Frame>) {
+    /// Queues a body for the client; a closed client just drops it (`false`).
+    pub(super) async fn send_to_client(&self, body: impl Into<Frame>) -> bool {
         let body = body.into();
         self.shared.metrics.frame("client_out", body.len());
         // Closed budget: the client is gone, and so is the body.
         let cost = body.len().clamp(1, self.out_limit) as u32;
         let Ok(permit) = self.out_budget.acquire_many(cost).await else {
-            return;
+            return false;
         };
         permit.forget();
-        let _ = self.out.send(body).await;
+        self.out.send(body).await.is_ok()
     }
 
     pub(super) async fn reply_error(
@@ -358,6 +367,14 @@ impl ClientConn {
 
     /// Answers a request with a proxy error.
     pub(super) async fn fail(&self, req: &ClientReq, code: i64, message: &str, data: Value) {
+        // A streamed request whose rest was refused has had its answer (`stream.rs`).
+        if req
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.answered.swap(true, Ordering::AcqRel))
+        {
+            return;
+        }
         self.shared.metrics.request(req.class(), "proxy_error");
         // A send the proxy answered never started a turn: its count ends here.
         if let (Some(sid), true) = (&req.session, starts_turn(&req.method)) {
@@ -423,7 +440,7 @@ impl ClientConn {
         joined.len()
     }
 
-    async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
+    pub(super) async fn on_client_frame(self: &Arc<Self>, body: Bytes) {
         let intake = {
             let cfg = self.shared.config_now();
             intake(body, cfg.limits.max_json_depth, &cfg.routing)
@@ -453,7 +470,7 @@ impl ClientConn {
         }
     }
 
-    async fn on_request(self: &Arc<Self>, mut req: ClientReq) {
+    pub(super) async fn on_request(self: &Arc<Self>, mut req: ClientReq) {
         if req.method == "connect" {
             return self.on_connect(req).await;
         }

@@ -9,11 +9,12 @@
 
 use super::request::ClientReq;
 use crate::backend::{Backend, CallError};
-use crate::codec::FrameReader;
+use crate::codec::{FrameReader, Item};
 use crate::context::Shared;
 use crate::envelope::{self, Kind};
+use crate::route::Route;
 use crate::rpc;
-use crate::wire::{self, Frame};
+use crate::wire::{self, Frame, Streamed};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -40,6 +41,21 @@ pub(crate) trait LinkOwner: Send + Sync + 'static {
         span: (usize, usize),
         is_error: bool,
     ) -> impl Future<Output = ()> + Send;
+    /// A streamed reply (its rest follows on the frame's tail); `false` if nobody takes it.
+    fn reply_frame(
+        &self,
+        link: &Arc<Link>,
+        req: ClientReq,
+        frame: Frame,
+        is_error: bool,
+    ) -> impl Future<Output = bool> + Send;
+    /// A streamed notification; `false` if it does not reach the client.
+    fn event_frame(
+        self: &Arc<Self>,
+        method: &str,
+        session: Option<&str>,
+        frame: Frame,
+    ) -> impl Future<Output = bool> + Send;
     /// One of the owner's requests cannot be answered by the backend: the link answers it
     /// with this error instead.
     fn refuse(
@@ -134,6 +150,9 @@ pub(crate) enum LinkEnd {
     ConnectFailed(CallError),
     /// An established link broke.
     Broken(CallError),
+    /// The proxy cut a streamed frame off mid-way (its rest was refused); not the
+    /// backend's fault, so not a health failure, but the link's stream is gone.
+    Cut,
 }
 
 /// Why a call the proxy made over a link got no reply.
@@ -291,6 +310,10 @@ impl Link {
             LinkEnd::Fenced => format!("backend {} was marked down", self.backend.name),
             LinkEnd::ConnectFailed(e) => format!("cannot reach backend {}: {e}", self.backend.name),
             LinkEnd::Broken(e) => format!("connection to backend {} lost: {e}", self.backend.name),
+            LinkEnd::Cut => format!(
+                "the link to backend {} was closed: a streamed request on it was refused mid-frame",
+                self.backend.name
+            ),
         };
         let shared_reason: Arc<str> = reason.as_str().into();
         let pending = {
@@ -406,23 +429,42 @@ async fn session<O: LinkOwner>(
         let body = match msg {
             LinkMsg::Raw(b) => Frame::whole(b),
             LinkMsg::Client { pid } => {
-                let (body, span) = match link_w.lock().pending.get_mut(&pid) {
-                    Some(Pending::Client(req)) => (std::mem::take(&mut req.body), req.id_span),
+                let (body, span, stream) = match link_w.lock().pending.get_mut(&pid) {
+                    Some(Pending::Client(req)) => (
+                        std::mem::take(&mut req.body),
+                        req.id_span,
+                        req.stream.as_mut().and_then(|s| s.rest.take()),
+                    ),
                     _ => return None,
                 };
-                Frame::spliced(&body, span, Bytes::from(pid.to_string()))
+                let f = Frame::spliced(&body, span, Bytes::from(pid.to_string()));
+                match stream {
+                    Some(s) => f.then(s),
+                    None => f,
+                }
             }
         };
         shared_w.metrics.frame("backend_out", body.len());
         Some(body)
     });
+    let stream_above = cfg.limits.stream_above();
+    let max_depth = cfg.limits.max_json_depth;
     let read_loop = async {
         loop {
-            match reader.read_frame().await {
-                Ok(Some(body)) => {
+            match reader.read_item(stream_above).await {
+                Ok(Some(Item::Whole(body))) => {
                     crate::runtime::activity();
                     metrics.frame("backend_in", body.len());
                     on_backend_frame(link, owner, body).await;
+                }
+                Ok(Some(Item::Head { head, len })) => {
+                    crate::runtime::activity();
+                    metrics.frame("backend_in", len);
+                    if let Err(e) =
+                        on_backend_head(link, owner, &mut reader, head, max_depth, metrics).await
+                    {
+                        return LinkEnd::Broken(CallError::Read(e));
+                    }
                 }
                 Ok(None) => return LinkEnd::Broken(CallError::Closed),
                 Err(e) if e.recoverable() => {
@@ -447,6 +489,7 @@ async fn session<O: LinkOwner>(
         end = read_loop => end,
         res = writer => match res {
             Ok(()) => LinkEnd::Closed,
+            Err(e) if e.kind() == wire::CUT => LinkEnd::Cut,
             Err(e) => LinkEnd::Broken(CallError::Write(e)),
         },
     };
@@ -505,6 +548,129 @@ async fn oversized_reply<O: LinkOwner>(
         }
         None => {}
     }
+}
+
+/// A backend frame too big to hold. A reply to a client request or an event for a client is
+/// forwarded as it arrives; anything the proxy must read whole (its own calls' replies, the
+/// CLI's requests, replies it records sessions from) is buffered and handled as usual.
+async fn on_backend_head<O: LinkOwner, R: tokio::io::AsyncRead + Unpin>(
+    link: &Arc<Link>,
+    owner: &Arc<O>,
+    reader: &mut FrameReader<R>,
+    head: Bytes,
+    max_depth: usize,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), crate::codec::CodecError> {
+    let plan = envelope::parse_head(&head).and_then(|h| {
+        let to = match h.env.kind {
+            Kind::Response => {
+                let pid = h.env.id_u64()?;
+                let mut inner = link.lock();
+                let streams = matches!(
+                    inner.pending.get(&pid),
+                    Some(Pending::Client(m)) if streams_reply(m)
+                );
+                let Some(Pending::Client(meta)) =
+                    streams.then(|| inner.pending.remove(&pid)).flatten()
+                else {
+                    return None;
+                };
+                StreamTo::Reply(meta, h.env.id_span?, h.env.is_error)
+            }
+            Kind::Notification => {
+                let method = h.env.method.as_deref()?;
+                if method.starts_with("copilotLb.") {
+                    return None;
+                }
+                StreamTo::Event(
+                    method.to_string(),
+                    h.env.session_id.as_deref().map(str::to_string),
+                )
+            }
+            Kind::Request => return None,
+        };
+        Some((to, h.cut))
+    });
+    let Some((to, cut)) = plan else {
+        let body = reader.read_rest(head).await?;
+        on_backend_frame(link, owner, body).await;
+        return Ok(());
+    };
+    let mut check = envelope::Tail::structural(cut, max_depth);
+    if let Err(e) = check.feed(&head) {
+        stream_refused(link, &e);
+        if let StreamTo::Reply(meta, ..) = to {
+            let data = rpc::data(false, serde_json::json!({"backend": link.backend.name}));
+            let m = format!("the backend's reply could not be forwarded: {e}");
+            owner.refuse(meta, rpc::INTERNAL_ERROR, m, data).await;
+        }
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
+    let mut tx = Some(tx);
+    let rest = Streamed {
+        len: reader.remaining(),
+        rx,
+    };
+    let frame = match &to {
+        StreamTo::Reply(meta, span, _) => Frame::spliced(
+            &head,
+            *span,
+            Bytes::copy_from_slice(meta.id.get().as_bytes()),
+        )
+        .then(rest),
+        StreamTo::Event(..) => Frame::whole(head).then(rest),
+    };
+    metrics.streamed("backend_in");
+    let delivered = match to {
+        StreamTo::Reply(meta, _, is_error) => owner.reply_frame(link, meta, frame, is_error).await,
+        StreamTo::Event(method, session) => {
+            owner.event_frame(&method, session.as_deref(), frame).await
+        }
+    };
+    if !delivered {
+        // Nobody takes it: the reader discards the rest before the next frame.
+        return Ok(());
+    }
+    while let Some(chunk) = reader.read_chunk().await? {
+        if let Err(e) = check.feed(&chunk) {
+            // Dropping the sender before the end cuts the frame off at the client; the
+            // reader skips the rest, so this link stays in step.
+            stream_refused(link, &e);
+            return Ok(());
+        }
+        if let Some(t) = &tx {
+            if t.send(chunk).await.is_err() {
+                // The client is gone: the rest is read and dropped.
+                tx = None;
+            }
+        }
+    }
+    if let Err(e) = check.finish() {
+        stream_refused(link, &e);
+    }
+    Ok(())
+}
+
+/// How many chunks of a streamed frame may wait for the writer: the memory a big frame
+/// holds is this many read buffers, not the frame.
+pub(crate) const STREAM_CHUNKS: usize = 4;
+
+/// Where a streamed backend frame goes.
+enum StreamTo {
+    Reply(ClientReq, (usize, usize), bool),
+    Event(String, Option<String>),
+}
+
+/// Whether a reply to this request can be forwarded before it is all read: not when the
+/// proxy records something from its body.
+fn streams_reply(meta: &ClientReq) -> bool {
+    !matches!(meta.route, Route::Create | Route::Resume | Route::Delete)
+        && meta.method != "sessions.fork"
+}
+
+fn stream_refused(link: &Link, e: &envelope::TailError) {
+    warn!(backend = %link.backend.name, error = %e, "streamed frame from backend refused; not delivered whole");
 }
 
 async fn on_backend_frame<O: LinkOwner>(link: &Arc<Link>, owner: &Arc<O>, body: Bytes) {

@@ -3,7 +3,8 @@
 //! One file per step (docs/architecture.md): `conn` (a client connection's life), `request`
 //! (a frame classified), `local` (what the proxy answers itself), `membership` (sessions a
 //! connection holds, ownership), `create`, `resume`, `failover` (re-routing and failover),
-//! `fanout` (lists), `upstream` (a connection's links) and `link` (one link, a leaf).
+//! `fanout` (lists), `stream` (frames too big to hold), `upstream` (a connection's links)
+//! and `link` (one link, a leaf).
 
 mod conn;
 mod create;
@@ -15,6 +16,7 @@ mod local;
 mod membership;
 mod request;
 mod resume;
+mod stream;
 mod upstream;
 
 use crate::config::Config;

@@ -39,6 +39,27 @@ pub(crate) struct ClientReq {
     /// Counts it as work on the backend it was last forwarded to until it is answered (the
     /// request is dropped then), so a rolling restart waits for it.
     pub(crate) on: Option<crate::backend::Busy>,
+    /// For a streamed frame (`body` is then its head); boxed, as few requests are.
+    pub(crate) stream: Option<Box<StreamedReq>>,
+}
+
+/// What a streamed request carries beyond its head.
+#[derive(Debug)]
+pub(crate) struct StreamedReq {
+    /// The rest of the body, taken by the link's writer with the head.
+    pub(crate) rest: Option<crate::wire::Streamed>,
+    /// Set by whoever answers the client first: the proxy refusing the rest of the body
+    /// (`stream.rs`), or any proxy error (`fail`); the other then stays silent.
+    pub(crate) answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientReq {
+    /// Whether the client has been told this streamed request failed.
+    pub(crate) fn answered(&self) -> bool {
+        self.stream
+            .as_ref()
+            .is_some_and(|s| s.answered.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 impl ClientReq {
@@ -129,6 +150,7 @@ pub(crate) fn intake(body: Bytes, max_depth: usize, routing: &RoutingConfig) -> 
                 attempts: 0,
                 avoid: Vec::new(),
                 on: None,
+                stream: None,
             };
             // Only the few methods with session fields beyond `params.sessionId` pay for a
             // parse of their params; a refused request needs none.

@@ -279,6 +279,34 @@ impl LinkOwner for ClientConn {
         self.send_to_client(out).await;
     }
 
+    async fn reply_frame(
+        &self,
+        _link: &Arc<Link>,
+        meta: ClientReq,
+        frame: Frame,
+        is_error: bool,
+    ) -> bool {
+        // Only replies the proxy records nothing from are streamed (`streams_reply`).
+        if let (Some(sid), true) = (&meta.session, starts_turn(&meta.method)) {
+            self.members().turn_answered(sid, is_error);
+        }
+        let result = if is_error { "error" } else { "ok" };
+        self.shared
+            .metrics
+            .reply(meta.class(), result, meta.started);
+        self.send_to_client(frame).await
+    }
+
+    async fn event_frame(
+        self: &Arc<Self>,
+        method: &str,
+        session: Option<&str>,
+        frame: Frame,
+    ) -> bool {
+        // A streamed event is too big to end a turn (`ends_turn`): its body is not needed.
+        self.admit_notification(method, session, &[]) && self.send_to_client(frame).await
+    }
+
     async fn refuse(&self, req: ClientReq, code: i64, message: String, data: Value) {
         self.fail(&req, code, &message, data).await;
     }
@@ -324,7 +352,7 @@ impl LinkOwner for ClientConn {
         in_flight: Vec<ClientReq>,
     ) {
         self.upstream().link_ended(link);
-        let established = matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced);
+        let established = matches!(why, LinkEnd::Broken(_) | LinkEnd::Fenced | LinkEnd::Cut);
         if established {
             self.members().link_lost(&link.backend.name);
         }
@@ -362,6 +390,10 @@ impl LinkOwner for ClientConn {
                 me.fail(&meta, rpc::BACKEND_UNAVAILABLE, &m, data).await;
             }
             for req in unsent {
+                // A streamed request refused mid-frame is answered and its rest is gone.
+                if req.answered() {
+                    continue;
+                }
                 me.reroute(req, &backend).await;
             }
         });
