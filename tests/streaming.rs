@@ -155,7 +155,7 @@ async fn what_comes_after_the_envelope_cannot_change_it() {
         assert!(fakes[0]
             .params_of("test.echo")
             .iter()
-            .all(|p| p["sessionId"] != Value::from(theirs.as_str())));
+            .all(|p| p["sessionId"] != theirs.as_str()));
         let still = victim
             .ok("test.echo", json!({"sessionId": theirs, "payload": "mine"}))
             .await;
