@@ -5,7 +5,7 @@
 # Usage: scripts/fuzz.sh [--runs N] [SECONDS_PER_TARGET] [TARGET...]
 #   SECONDS_PER_TARGET  libFuzzer -max_total_time (default 60 unless --runs is given)
 #   --runs N            libFuzzer -runs=N per target (with SECONDS too, whichever ends first)
-#   TARGET...           any of: codec envelope client_path (default: all three)
+#   TARGET...           any of: codec envelope client_path stream (default: all four)
 #
 # Each target starts from its committed corpus fuzz/corpus/<target>/ (read, never written:
 # new inputs go to a scratch corpus under fuzz/target/). Crashes land in
@@ -32,7 +32,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -z "$secs" && -z "$runs" ]] && secs=60
-[[ ${#targets[@]} -eq 0 ]] && targets=(codec envelope client_path)
+[[ ${#targets[@]} -eq 0 ]] && targets=(codec envelope client_path stream)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz needs nightly flags; the stable toolchain allows them with RUSTC_BOOTSTRAP.
