@@ -74,14 +74,24 @@ pub fn parse_head(head: &[u8]) -> Option<Head<'_>> {
             }
             b"params" => {
                 mark(3)?;
-                env.has_params = true;
-                if w.peek()? != b'{' {
-                    env.params_is_object = false;
-                    if w.skip_value().is_none() {
-                        break (at, false);
+                match w.peek()? {
+                    b'{' => {
+                        env.has_params = true;
+                        if let Some(cut) = params(&mut w, &mut env)? {
+                            break (cut, true);
+                        }
                     }
-                } else if let Some(cut) = params(&mut w, &mut env)? {
-                    break (cut, true);
+                    b'[' => {
+                        env.has_params = true;
+                        env.params_is_object = false;
+                        if w.skip_value().is_none() {
+                            break (at, false);
+                        }
+                    }
+                    // No params, to the full parser (an absent Option).
+                    b'n' => w.literal_null()?,
+                    // Any other type the full parser refuses: not for this path to judge.
+                    _ => return None,
                 }
             }
             _ => {
@@ -187,6 +197,10 @@ impl<'a> Cursor<'a> {
         self.string()?;
         let s = self.b.get(start..self.i - 1)?;
         (!s.contains(&b'\\')).then_some(s)
+    }
+    fn literal_null(&mut self) -> Option<()> {
+        let end = self.i + 4;
+        (self.b.get(self.i..end)? == b"null").then(|| self.i = end)
     }
     fn number_or_string(&mut self) -> Option<()> {
         if self.peek()? == b'"' {
@@ -833,6 +847,15 @@ mod tests {
             tail(deep.as_bytes(), 100, &[]),
             Err(TailError::TooDeep(128))
         );
+    }
+
+    #[test]
+    fn params_of_a_type_the_parser_refuses_are_not_streamed() {
+        // Found by the fuzzer: a number for params passed the head, which serde refuses.
+        let body =
+            br#"{"jsonrpc":"2.0","params":1,"method":"m","id":1,"x":"xxxxxxxxxxxxxxxxxxxxxx"}"#;
+        assert!(parse(body).is_err());
+        assert!(parse_head(&body[..70]).is_none());
     }
 
     #[test]
