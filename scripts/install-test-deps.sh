@@ -39,7 +39,7 @@ if ! command -v redis-cli >/dev/null 2>&1; then
 fi
 redis-server --version
 redis-cli --version
-promtool --version 2>&1 | head -1
+promtool --version 2>&1 | sed -n 1p  # not head: an early exit could SIGPIPE promtool under pipefail
 # The browser test drives Debian's build (playwright cannot download its own browsers here).
 if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium

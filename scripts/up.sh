@@ -66,7 +66,7 @@ if ! command -v copilot >/dev/null 2>&1; then
 fi
 # The CLI unpacks its runtime (~235 MB, under HOME or COPILOT_CACHE_HOME) on its first start:
 # do that once here, so three CLIs starting together never race on it.
-say "Copilot CLI: $(command -v copilot) ($(COPILOT_AUTO_UPDATE=false copilot --version </dev/null 2>&1 | head -1))"
+say "Copilot CLI: $(command -v copilot) ($(COPILOT_AUTO_UPDATE=false copilot --version </dev/null 2>&1 | sed -n 1p))"
 
 CONFIG="${COPILOT_LB_CONFIG:-$REPO/config/copilot-lb.yaml}"
 say "serving: copilot-lb serve --config $CONFIG $*"

@@ -14,7 +14,8 @@ if ! command -v haproxy >/dev/null 2>&1; then
     # Debian's package may start a system instance; the benchmarks run their own.
     if command -v service >/dev/null 2>&1; then $SUDO service haproxy stop >/dev/null 2>&1 || true; fi
 fi
-haproxy -v | head -1
+# sed reads to the end: `head -1` could exit first and SIGPIPE haproxy, which pipefail makes fatal.
+haproxy -v | sed -n 1p
 if [ "${BENCH_SKIP_SDK:-0}" != "1" ] && [ ! -x .e2e/venv/bin/python ]; then
     bash tests/e2e/install.sh
 fi
