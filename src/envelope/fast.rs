@@ -20,31 +20,18 @@ use std::borrow::Cow;
 
 /// The envelope of `body` when the walk is sure of it; `None` means "ask [`super::parse`]".
 pub fn parse_fast(body: &[u8]) -> Option<Envelope<'_>> {
-    let mut w = Walk { b: body, i: 0 };
+    let mut w = Walk::new(body);
     w.ws();
     w.eat(b'{')?;
     let mut seen = Seen::default();
-    let mut env = Envelope {
-        kind: Kind::Notification,
-        id: None,
-        id_span: None,
-        method: None,
-        session_id: None,
-        has_params: false,
-        params_is_object: true,
-        is_error: false,
-    };
+    let mut env = Envelope::blank();
     let mut jsonrpc_ok = false;
     w.ws();
     if w.peek()? == b'}' {
         return None;
     }
     loop {
-        w.ws();
-        let key = w.plain_string()?;
-        w.ws();
-        w.eat(b':')?;
-        w.ws();
+        let key = w.key()?;
         match key {
             b"jsonrpc" => {
                 seen.mark(0)?;
@@ -52,14 +39,9 @@ pub fn parse_fast(body: &[u8]) -> Option<Envelope<'_>> {
             }
             b"id" => {
                 seen.mark(1)?;
-                let start = w.i;
-                w.scalar()?;
-                let text = std::str::from_utf8(&body[start..w.i]).ok()?;
-                // `null` is present-but-null to the full parser; leave that case to it.
-                validate_id(text).ok()?;
-                env.id = serde_json::from_str::<&RawValue>(text).ok();
-                env.id?;
-                env.id_span = Some((start, w.i));
+                let (id, span) = w.id()?;
+                env.id = Some(id);
+                env.id_span = Some(span);
             }
             b"method" => {
                 seen.mark(2)?;
@@ -117,42 +99,77 @@ pub fn parse_fast(body: &[u8]) -> Option<Envelope<'_>> {
 
 /// Which of the routed top-level members appeared; a second one makes serde refuse the body.
 #[derive(Default)]
-struct Seen(u8);
+pub(super) struct Seen(u8);
 
 impl Seen {
-    fn mark(&mut self, bit: u8) -> Option<()> {
+    pub(super) fn mark(&mut self, bit: u8) -> Option<()> {
         if self.has(bit) {
             return None;
         }
         self.0 |= 1 << bit;
         Some(())
     }
-    fn has(&self, bit: u8) -> bool {
+    pub(super) fn has(&self, bit: u8) -> bool {
         self.0 & (1 << bit) != 0
     }
 }
 
-struct Walk<'a> {
-    b: &'a [u8],
-    i: usize,
+/// A cursor over JSON text that reads the few values the proxy routes on and steps over the
+/// rest; `None` from any step means "not sure" (also used for the head of a streamed frame,
+/// `stream.rs`).
+pub(super) struct Walk<'a> {
+    pub(super) b: &'a [u8],
+    pub(super) i: usize,
 }
 
 impl<'a> Walk<'a> {
-    fn peek(&self) -> Option<u8> {
+    pub(super) fn new(b: &'a [u8]) -> Walk<'a> {
+        Walk { b, i: 0 }
+    }
+
+    /// An `id` value and its span: a string or an integer the CLI accepts (`null` and
+    /// anything else is left to the full parser, which words the error).
+    pub(super) fn id(&mut self) -> Option<(&'a RawValue, (usize, usize))> {
+        let start = self.i;
+        self.scalar()?;
+        let text = std::str::from_utf8(&self.b[start..self.i]).ok()?;
+        validate_id(text).ok()?;
+        let id = serde_json::from_str::<&RawValue>(text).ok()?;
+        Some((id, (start, self.i)))
+    }
+
+    /// A member's name and its colon, with the whitespace around them.
+    pub(super) fn key(&mut self) -> Option<&'a [u8]> {
+        self.ws();
+        let key = self.plain_string()?;
+        self.ws();
+        self.eat(b':')?;
+        self.ws();
+        Some(key)
+    }
+
+    /// Steps over a value known to end inside the buffer: one that reaches its very end (a
+    /// number) might go on past it.
+    pub(super) fn skip_within(&mut self) -> Option<()> {
+        self.skip_value()?;
+        (self.i < self.b.len()).then_some(())
+    }
+
+    pub(super) fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
-    fn next(&mut self) -> Option<u8> {
+    pub(super) fn next(&mut self) -> Option<u8> {
         let c = self.peek()?;
         self.i += 1;
         Some(c)
     }
 
-    fn eat(&mut self, c: u8) -> Option<()> {
+    pub(super) fn eat(&mut self, c: u8) -> Option<()> {
         (self.next()? == c).then_some(())
     }
 
-    fn ws(&mut self) {
+    pub(super) fn ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.i += 1;
         }
@@ -160,7 +177,7 @@ impl<'a> Walk<'a> {
 
     /// A string with no escapes (keys and routed values); its content. Escaped ones are left
     /// to the full parser, which decodes them.
-    fn plain_string(&mut self) -> Option<&'a [u8]> {
+    pub(super) fn plain_string(&mut self) -> Option<&'a [u8]> {
         let start = self.i + 1;
         self.string()?;
         let s = &self.b[start..self.i - 1];
@@ -168,7 +185,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Steps over a string starting at its opening quote.
-    fn string(&mut self) -> Option<()> {
+    pub(super) fn string(&mut self) -> Option<()> {
         self.eat(b'"')?;
         let mut from = self.i;
         loop {
@@ -187,13 +204,13 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
+    pub(super) fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.i + word.len();
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
     }
 
     /// A string, number or literal (an id); objects and arrays are refused.
-    fn scalar(&mut self) -> Option<()> {
+    pub(super) fn scalar(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string(),
             b'-' | b'0'..=b'9' => {
@@ -210,7 +227,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Steps over any value: strings and containers by structure, the rest as a token.
-    fn skip_value(&mut self) -> Option<()> {
+    pub(super) fn skip_value(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string(),
             b'{' | b'[' => {
@@ -243,7 +260,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The members of `params`: the last string `sessionId` wins, as in the full parser.
-    fn params_object(&mut self) -> Option<Option<Cow<'a, str>>> {
+    pub(super) fn params_object(&mut self) -> Option<Option<Cow<'a, str>>> {
         self.eat(b'{')?;
         let mut session = None;
         self.ws();
@@ -252,11 +269,7 @@ impl<'a> Walk<'a> {
             return Some(None);
         }
         loop {
-            self.ws();
-            let key = self.plain_string()?;
-            self.ws();
-            self.eat(b':')?;
-            self.ws();
+            let key = self.key()?;
             if key == b"sessionId" {
                 if self.peek()? == b'"' {
                     let s = self.plain_string()?;
@@ -376,33 +389,16 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn value() -> impl Strategy<Value = serde_json::Value> {
-            let leaf = prop_oneof![
-                Just(serde_json::Value::Null),
-                any::<bool>().prop_map(serde_json::Value::from),
-                any::<i64>().prop_map(serde_json::Value::from),
-                "[ -~\\\\\"\u{e9}\n]{0,12}".prop_map(serde_json::Value::from),
-            ];
-            leaf.prop_recursive(4, 32, 6, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..4)
-                        .prop_map(serde_json::Value::from),
-                    proptest::collection::btree_map("[a-zI]{1,4}", inner, 0..4)
-                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
-                ]
-            })
-        }
-
         proptest! {
             /// On any well-formed message, the walk either defers or says what serde says.
             #[test]
             fn agrees_with_the_parser(
                 id in prop_oneof![Just(None), any::<i64>().prop_map(|n| Some(n.to_string())), "[a-z\"]{0,5}".prop_map(|s| Some(serde_json::Value::from(s).to_string()))],
                 method in proptest::option::of("[a-z.]{1,12}"),
-                params in proptest::option::of(value()),
+                params in proptest::option::of(super::super::super::arb_json()),
                 sid in proptest::option::of("[a-z0-9-]{1,8}"),
                 tail in proptest::option::of(prop_oneof![Just("result"), Just("error"), Just("other")]),
-                body in value(),
+                body in super::super::super::arb_json(),
             ) {
                 let mut s = String::from(r#"{"jsonrpc":"2.0""#);
                 if let Some(id) = &id { s += &format!(r#","id":{id}"#); }

@@ -67,6 +67,20 @@ pub struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
+    /// Nothing seen yet: what the walks (`fast.rs`, `stream.rs`) fill in.
+    fn blank() -> Self {
+        Envelope {
+            kind: Kind::Notification,
+            id: None,
+            id_span: None,
+            method: None,
+            session_id: None,
+            has_params: false,
+            params_is_object: true,
+            is_error: false,
+        }
+    }
+
     /// The id as an unsigned integer, when it is one (ids the proxy allocated).
     pub fn id_u64(&self) -> Option<u64> {
         self.id.and_then(|r| r.get().parse::<u64>().ok())
@@ -502,6 +516,29 @@ fn id_token(v: &[u8]) -> Option<String> {
         && digits.bytes().all(|c| c.is_ascii_digit())
         && (digits == "0" || !digits.starts_with('0'));
     (canonical && num.parse::<i64>().is_ok()).then(|| num.to_string())
+}
+
+/// Arbitrary JSON values for the walks' property tests (`fast.rs`, `stream.rs`): strings with
+/// escapes and multi-byte characters, floats, nesting.
+#[cfg(test)]
+fn arb_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        "[ -~\\\\\"\u{e9}\u{1F600}\n]{0,12}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            proptest::collection::btree_map("[a-zI]{1,4}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
 }
 
 #[cfg(test)]

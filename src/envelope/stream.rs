@@ -10,8 +10,8 @@
 //! `sessionId` in `params`. A duplicate there would be read by the receiver's `JSON.parse`
 //! (the last one wins) and not by the proxy, so the frame is cut off instead of delivered.
 
-use super::{validate_id, Envelope, Kind};
-use serde_json::value::RawValue;
+use super::fast::{Seen, Walk};
+use super::{Envelope, Kind};
 use std::borrow::Cow;
 
 /// What the first bytes of a streamed frame say.
@@ -28,52 +28,34 @@ pub struct Head<'a> {
 /// Reads the envelope from the start of a body, or `None` when it is not all there before
 /// the first value that runs past the end (the caller then buffers the frame whole).
 pub fn parse_head(head: &[u8]) -> Option<Head<'_>> {
-    let mut w = Cursor { b: head, i: 0 };
-    let mut env = Envelope {
-        kind: Kind::Notification,
-        id: None,
-        id_span: None,
-        method: None,
-        session_id: None,
-        has_params: false,
-        params_is_object: true,
-        is_error: false,
-    };
-    let (mut jsonrpc, mut reply) = (false, false);
-    let mut seen = 0u8;
-    let mut mark = |bit: u8| {
-        let fresh = seen & (1 << bit) == 0;
-        seen |= 1 << bit;
-        fresh.then_some(())
-    };
+    let mut w = Walk::new(head);
+    let mut env = Envelope::blank();
+    let mut jsonrpc = false;
+    let mut seen = Seen::default();
     w.ws();
     w.eat(b'{')?;
     let (cut, in_params) = loop {
-        w.ws();
-        let key = w.plain_string()?;
-        w.ws();
-        w.eat(b':')?;
-        w.ws();
+        let key = w.key()?;
         let at = w.i;
         match key {
             b"jsonrpc" => {
-                mark(0)?;
+                seen.mark(0)?;
                 jsonrpc = w.plain_string()? == b"2.0";
             }
             b"id" => {
-                mark(1)?;
-                w.number_or_string()?;
-                let text = std::str::from_utf8(&head[at..w.i]).ok()?;
-                validate_id(text).ok()?;
-                env.id = Some(serde_json::from_str::<&RawValue>(text).ok()?);
-                env.id_span = Some((at, w.i));
+                seen.mark(1)?;
+                let (id, span) = w.id()?;
+                // A number that reaches the end of the head may go on: not known yet.
+                (w.i < head.len()).then_some(())?;
+                env.id = Some(id);
+                env.id_span = Some(span);
             }
             b"method" => {
-                mark(2)?;
+                seen.mark(2)?;
                 env.method = Some(Cow::Borrowed(std::str::from_utf8(w.plain_string()?).ok()?));
             }
             b"params" => {
-                mark(3)?;
+                seen.mark(3)?;
                 match w.peek()? {
                     b'{' => {
                         env.has_params = true;
@@ -84,23 +66,22 @@ pub fn parse_head(head: &[u8]) -> Option<Head<'_>> {
                     b'[' => {
                         env.has_params = true;
                         env.params_is_object = false;
-                        if w.skip_value().is_none() {
+                        if w.skip_within().is_none() {
                             break (at, false);
                         }
                     }
                     // No params, to the full parser (an absent Option).
-                    b'n' => w.literal_null()?,
+                    b'n' => w.literal(b"null")?,
                     // Any other type the full parser refuses: not for this path to judge.
                     _ => return None,
                 }
             }
             _ => {
                 if key == b"result" || key == b"error" {
-                    mark(if key == b"result" { 4 } else { 5 })?;
-                    reply = true;
+                    seen.mark(if key == b"result" { 4 } else { 5 })?;
                     env.is_error |= key == b"error";
                 }
-                if w.skip_value().is_none() {
+                if w.skip_within().is_none() {
                     break (at, false);
                 }
             }
@@ -112,7 +93,7 @@ pub fn parse_head(head: &[u8]) -> Option<Head<'_>> {
     env.kind = match (env.id.is_some(), env.method.is_some()) {
         (true, true) => Kind::Request,
         (false, true) => Kind::Notification,
-        (true, false) if reply => Kind::Response,
+        (true, false) if seen.has(4) || seen.has(5) => Kind::Response,
         _ => return None,
     };
     jsonrpc.then_some(Head {
@@ -124,7 +105,7 @@ pub fn parse_head(head: &[u8]) -> Option<Head<'_>> {
 
 /// The members of `params` up to the cut: `Some(Some(cut))` when a member's value runs past
 /// the head, `Some(None)` when params closed within it.
-fn params<'a>(w: &mut Cursor<'a>, env: &mut Envelope<'a>) -> Option<Option<usize>> {
+fn params<'a>(w: &mut Walk<'a>, env: &mut Envelope<'a>) -> Option<Option<usize>> {
     w.eat(b'{')?;
     w.ws();
     if w.peek()? == b'}' {
@@ -132,21 +113,17 @@ fn params<'a>(w: &mut Cursor<'a>, env: &mut Envelope<'a>) -> Option<Option<usize
         return Some(None);
     }
     loop {
-        w.ws();
-        let key = w.plain_string()?;
-        w.ws();
-        w.eat(b':')?;
-        w.ws();
+        let key = w.key()?;
         let at = w.i;
         if key == b"sessionId" {
             env.session_id = match w.peek()? {
                 b'"' => Some(Cow::Borrowed(std::str::from_utf8(w.plain_string()?).ok()?)),
                 _ => {
-                    w.skip_value()?;
+                    w.skip_within()?;
                     None
                 }
             };
-        } else if w.skip_value().is_none() {
+        } else if w.skip_within().is_none() {
             return Some(Some(at));
         }
         w.ws();
@@ -154,99 +131,6 @@ fn params<'a>(w: &mut Cursor<'a>, env: &mut Envelope<'a>) -> Option<Option<usize
             b',' => continue,
             b'}' => return Some(None),
             _ => return None,
-        }
-    }
-}
-
-struct Cursor<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-    fn eat(&mut self, c: u8) -> Option<()> {
-        (self.next()? == c).then_some(())
-    }
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.i += 1;
-        }
-    }
-    fn string(&mut self) -> Option<()> {
-        self.eat(b'"')?;
-        loop {
-            let p = self.i + memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
-            if self.b[p] == b'\\' {
-                self.i = p + 2;
-            } else {
-                self.i = p + 1;
-                return Some(());
-            }
-        }
-    }
-    fn plain_string(&mut self) -> Option<&'a [u8]> {
-        let start = self.i + 1;
-        self.string()?;
-        let s = self.b.get(start..self.i - 1)?;
-        (!s.contains(&b'\\')).then_some(s)
-    }
-    fn literal_null(&mut self) -> Option<()> {
-        let end = self.i + 4;
-        (self.b.get(self.i..end)? == b"null").then(|| self.i = end)
-    }
-    fn number_or_string(&mut self) -> Option<()> {
-        if self.peek()? == b'"' {
-            return self.string();
-        }
-        let start = self.i;
-        while matches!(self.peek(), Some(b'-' | b'0'..=b'9')) {
-            self.i += 1;
-        }
-        // A number that reaches the end of the head may go on: not known yet.
-        (self.i > start && self.i < self.b.len()).then_some(())
-    }
-    /// Steps over a value that ends within the head; `None` if it does not (or is broken:
-    /// the tail check sees that too, from the cut on).
-    fn skip_value(&mut self) -> Option<()> {
-        match self.peek()? {
-            b'"' => self.string(),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    match self.peek()? {
-                        b'"' => {
-                            self.string()?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.i += 1;
-                                return Some(());
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.i += 1;
-                }
-            }
-            _ => {
-                let start = self.i;
-                while matches!(self.peek(), Some(c) if !matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                {
-                    self.i += 1;
-                }
-                (self.i > start && self.i < self.b.len()).then_some(())
-            }
         }
     }
 }
@@ -870,28 +754,8 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn value() -> impl Strategy<Value = serde_json::Value> {
-            let leaf = prop_oneof![
-                Just(serde_json::Value::Null),
-                any::<bool>().prop_map(serde_json::Value::from),
-                any::<i64>().prop_map(serde_json::Value::from),
-                any::<f64>()
-                    .prop_filter("finite", |f| f.is_finite())
-                    .prop_map(serde_json::Value::from),
-                "[ -~\\\\\"\u{e9}\u{1F600}\n]{0,12}".prop_map(serde_json::Value::from),
-            ];
-            leaf.prop_recursive(4, 32, 6, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..4)
-                        .prop_map(serde_json::Value::from),
-                    proptest::collection::btree_map("[a-zI]{1,4}", inner, 0..4)
-                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
-                ]
-            })
-        }
-
         fn message() -> impl Strategy<Value = Vec<u8>> {
-            value().prop_map(|v| {
+            super::super::super::arb_json().prop_map(|v| {
                 let mut o = serde_json::Map::new();
                 o.insert("jsonrpc".into(), "2.0".into());
                 o.insert("id".into(), 1.into());
