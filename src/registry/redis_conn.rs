@@ -119,6 +119,22 @@ impl Drop for Guard<'_> {
     }
 }
 
+/// Runs one request on the shared master connection under a [`Guard`].
+async fn guarded<T>(
+    current: &StdMutex<Option<Current>>,
+    generation: u64,
+    request: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    let mut g = Guard {
+        current,
+        generation,
+        done: false,
+    };
+    let r = request.await;
+    g.done = !matches!(&r, Err(e) if master_lost(e));
+    r
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -127,16 +143,7 @@ impl ConnectionLike for Conn {
                 conn,
                 generation,
                 current,
-            } => Box::pin(async move {
-                let mut g = Guard {
-                    current,
-                    generation: *generation,
-                    done: false,
-                };
-                let r = conn.req_packed_command(cmd).await;
-                g.done = !matches!(&r, Err(e) if master_lost(e));
-                r
-            }),
+            } => Box::pin(guarded(current, *generation, conn.req_packed_command(cmd))),
         }
     }
 
@@ -152,16 +159,11 @@ impl ConnectionLike for Conn {
                 conn,
                 generation,
                 current,
-            } => Box::pin(async move {
-                let mut g = Guard {
-                    current,
-                    generation: *generation,
-                    done: false,
-                };
-                let r = conn.req_packed_commands(pipeline, offset, count).await;
-                g.done = !matches!(&r, Err(e) if master_lost(e));
-                r
-            }),
+            } => Box::pin(guarded(
+                current,
+                *generation,
+                conn.req_packed_commands(pipeline, offset, count),
+            )),
         }
     }
 

@@ -222,16 +222,19 @@ impl RedisStore {
     }
 }
 
+/// A record's owner, backend, epoch and creation time: the fields the compare-and-set
+/// scripts match on, in their argument order.
+fn record_args(rec: &Record) -> (&str, &str, u64, u64) {
+    (&rec.owner, &rec.backend, rec.epoch, rec.created_ms)
+}
+
 impl Store for RedisStore {
     async fn remove_exact(&self, id: &str, rec: &Record) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
         let n: i64 = self
             .remove_exact
             .key(self.key(id))
-            .arg(&rec.owner)
-            .arg(&rec.backend)
-            .arg(rec.epoch)
-            .arg(rec.created_ms)
+            .arg(record_args(rec))
             .arg(rec.last_used_ms)
             .invoke_async(&mut c)
             .await?;
@@ -315,10 +318,7 @@ impl Store for RedisStore {
         let n: i64 = self
             .undo
             .key(self.key(id))
-            .arg(&rec.owner)
-            .arg(&rec.backend)
-            .arg(rec.epoch)
-            .arg(rec.created_ms)
+            .arg(record_args(rec))
             .invoke_async(&mut c)
             .await?;
         Ok(n > 0)
@@ -370,10 +370,7 @@ impl Store for RedisStore {
         let flat: Vec<String> = self
             .create
             .key(self.key(id))
-            .arg(&rec.owner)
-            .arg(&rec.backend)
-            .arg(rec.epoch)
-            .arg(rec.created_ms)
+            .arg(record_args(rec))
             .arg(rec.last_used_ms)
             .invoke_async(&mut c)
             .await?;
