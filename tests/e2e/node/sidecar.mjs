@@ -8,32 +8,12 @@
 // sendAndWait a RECALL turn on every session: each answer must list the session's earlier
 // prompt (the history survived the move). "PASS <step>" / "FAIL <step>: why" lines, a final
 // "RESULT {json}" line with the milliseconds from "go" to each answer; exit 0 only if all pass.
-import { createRequire } from "node:module";
-import path from "node:path";
 import readline from "node:readline";
-import { fileURLToPath } from "node:url";
+import { common, opt, sdk } from "./args.mjs";
 
-const args = process.argv.slice(2);
-const opt = (name, dflt) => {
-  const i = args.indexOf(name);
-  return i >= 0 && i + 1 < args.length ? args[i + 1] : dflt;
-};
-const here = path.dirname(fileURLToPath(import.meta.url));
-const e2eDir = opt("--e2e-dir", process.env.COPILOT_LB_E2E_DIR ?? path.resolve(here, "../../../.e2e"));
-const require = createRequire(path.join(e2eDir, "npm", "package.json"));
-const { CopilotClient, RuntimeConnection, approveAll } = require("@github/copilot-sdk");
+const { CopilotClient, RuntimeConnection } = sdk;
+const { url, nonce, nSessions, timeoutMs, cfg } = common("sidecar.mjs");
 
-const url = opt("--url", null);
-const modelUrl = opt("--model-url", null);
-if (!url || !modelUrl) {
-  console.error("usage: sidecar.mjs --url HOST:PORT --model-url http://127.0.0.1:M/v1 [...]");
-  process.exit(2);
-}
-const nonce = opt("--nonce", Math.random().toString(16).slice(2, 10));
-const nSessions = Number(opt("--sessions", "4"));
-const timeoutMs = Number(opt("--timeout-ms", "60000"));
-const provider = { type: "openai", baseUrl: modelUrl, apiKey: "fake-key", wireApi: "completions" };
-const cfg = { model: "fake-echo-1", provider, onPermissionRequest: approveAll };
 const ids = Array.from({ length: nSessions }, (_, n) => `sc-node-${n}-${nonce}`);
 const first = (n) => `node first turn ${n} nonce ${nonce}`;
 
