@@ -118,7 +118,7 @@ impl Seen {
 /// rest; `None` from any step means "not sure" (also used for the head of a streamed frame,
 /// `stream.rs`).
 pub(super) struct Walk<'a> {
-    pub(super) b: &'a [u8],
+    b: &'a [u8],
     pub(super) i: usize,
 }
 
@@ -185,7 +185,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Steps over a string starting at its opening quote.
-    pub(super) fn string(&mut self) -> Option<()> {
+    fn string(&mut self) -> Option<()> {
         self.eat(b'"')?;
         let mut from = self.i;
         loop {
@@ -210,7 +210,7 @@ impl<'a> Walk<'a> {
     }
 
     /// A string, number or literal (an id); objects and arrays are refused.
-    pub(super) fn scalar(&mut self) -> Option<()> {
+    fn scalar(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string(),
             b'-' | b'0'..=b'9' => {
@@ -227,7 +227,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Steps over any value: strings and containers by structure, the rest as a token.
-    pub(super) fn skip_value(&mut self) -> Option<()> {
+    fn skip_value(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string(),
             b'{' | b'[' => {
@@ -260,7 +260,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The members of `params`: the last string `sessionId` wins, as in the full parser.
-    pub(super) fn params_object(&mut self) -> Option<Option<Cow<'a, str>>> {
+    fn params_object(&mut self) -> Option<Option<Cow<'a, str>>> {
         self.eat(b'{')?;
         let mut session = None;
         self.ws();
@@ -395,10 +395,10 @@ mod tests {
             fn agrees_with_the_parser(
                 id in prop_oneof![Just(None), any::<i64>().prop_map(|n| Some(n.to_string())), "[a-z\"]{0,5}".prop_map(|s| Some(serde_json::Value::from(s).to_string()))],
                 method in proptest::option::of("[a-z.]{1,12}"),
-                params in proptest::option::of(super::super::super::arb_json()),
+                params in proptest::option::of(crate::envelope::arb_json()),
                 sid in proptest::option::of("[a-z0-9-]{1,8}"),
                 tail in proptest::option::of(prop_oneof![Just("result"), Just("error"), Just("other")]),
-                body in super::super::super::arb_json(),
+                body in crate::envelope::arb_json(),
             ) {
                 let mut s = String::from(r#"{"jsonrpc":"2.0""#);
                 if let Some(id) = &id { s += &format!(r#","id":{id}"#); }

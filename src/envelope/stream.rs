@@ -755,7 +755,7 @@ mod tests {
         use proptest::prelude::*;
 
         fn message() -> impl Strategy<Value = Vec<u8>> {
-            super::super::super::arb_json().prop_map(|v| {
+            crate::envelope::arb_json().prop_map(|v| {
                 let mut o = serde_json::Map::new();
                 o.insert("jsonrpc".into(), "2.0".into());
                 o.insert("id".into(), 1.into());
